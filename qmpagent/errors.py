@@ -1,0 +1,216 @@
+"""The exception tree of qmpagent.
+
+Every error the library raises on purpose derives from :class:`QMPAgentError`::
+
+    QMPAgentError
+    ├── AgentError                      the guest agent (the guest is at fault or gone)
+    │   ├── AgentUnavailable            not connected, port closed, no answer to sync/ping
+    │   ├── AgentTimeout                a command got no reply in time (also a TimeoutError)
+    │   ├── AgentCommandError           the agent answered with an error (.error_class, .desc)
+    │   └── AgentProtocolError          malformed, mistyped or oversized guest output
+    ├── MonitorError                    QMP (QEMU is at fault or gone)
+    │   ├── MonitorUnavailable          cannot connect, or the connection was lost
+    │   ├── MonitorTimeout              a command or a wait got no answer in time (also a TimeoutError)
+    │   ├── MonitorCommandError         QEMU answered with an error (.error_class, .desc)
+    │   │   └── JobError                a job concluded with an error (.job_id, .desc)
+    │   └── EventOverflow               an event queue overflowed; events were lost (.dropped)
+    ├── SnapshotError                   a snapshot was not taken (carries what was done)
+    │   └── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
+    └── UsageError                      the caller misused the API (bad argument, wrong state)
+
+Lower-layer exceptions (``OSError``, ``qemu.qmp`` errors, ``json`` errors) are re-raised as one of
+these with ``raise ... from exc``, so the original is always available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "AgentCommandError",
+    "AgentError",
+    "AgentProtocolError",
+    "AgentTimeout",
+    "AgentUnavailable",
+    "EventOverflow",
+    "JobError",
+    "MonitorCommandError",
+    "MonitorError",
+    "MonitorTimeout",
+    "MonitorUnavailable",
+    "QMPAgentError",
+    "SnapshotError",
+    "SnapshotRecord",
+    "ThawError",
+    "UsageError",
+]
+
+
+class QMPAgentError(Exception):
+    """Base class of every error qmpagent raises on purpose."""
+
+
+class UsageError(QMPAgentError, ValueError):
+    """The caller used the API wrongly: a bad argument, or a call in the wrong state."""
+
+
+# --- guest agent -------------------------------------------------------------------------------
+
+
+class AgentError(QMPAgentError):
+    """Base class of errors talking to the guest agent."""
+
+
+class AgentUnavailable(AgentError):
+    """The agent cannot be reached: not connected, port closed in the guest, or no answer to
+    ``guest-sync-delimited`` / ``guest-ping``."""
+
+
+class AgentTimeout(AgentError, TimeoutError):
+    """An agent command got no reply within its timeout.
+
+    The channel is out of sync afterwards; the client resynchronises before its next command.
+    """
+
+
+class AgentCommandError(AgentError):
+    """The agent answered a command with an error.
+
+    Attributes:
+        command: the command that failed.
+        error_class: the QAPI error class, e.g. ``"GenericError"`` or ``"CommandNotFound"``.
+        desc: the agent's human-readable description.
+    """
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class AgentProtocolError(AgentError):
+    """The guest sent something the protocol does not allow: not JSON, the wrong JSON types,
+    an oversized line, or an unexpected end of stream. The guest is untrusted; nothing it sends
+    is used before it has been checked."""
+
+
+# --- QMP -----------------------------------------------------------------------------------------
+
+
+class MonitorError(QMPAgentError):
+    """Base class of errors talking to QEMU over QMP."""
+
+
+class MonitorUnavailable(MonitorError):
+    """QMP cannot be reached, or the connection to QEMU was lost (QEMU exited or crashed)."""
+
+
+class MonitorTimeout(MonitorError, TimeoutError):
+    """A QMP command, a job or a wait for an event did not finish within its timeout.
+
+    After a command timeout the connection stays usable; the late reply is discarded.
+    """
+
+
+class MonitorCommandError(MonitorError):
+    """QEMU answered a command with an error.
+
+    Attributes:
+        command: the command that failed.
+        error_class: the QAPI error class, e.g. ``"GenericError"`` or ``"CommandNotFound"``.
+        desc: QEMU's human-readable description.
+    """
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class JobError(MonitorCommandError):
+    """A QMP job (``blockdev-create``, ``snapshot-save``, ...) concluded with an error.
+
+    Attributes:
+        job_id: the job's id.
+    """
+
+    def __init__(self, command: str, job_id: str, desc: str) -> None:
+        super().__init__(command, "JobError", desc)
+        self.job_id = job_id
+
+
+class EventOverflow(MonitorError):
+    """The consumer of an event stream fell behind and its bounded queue overflowed.
+
+    Attributes:
+        dropped: how many events were lost.
+    """
+
+    def __init__(self, dropped: int) -> None:
+        super().__init__(f"event queue overflowed: {dropped} event(s) dropped")
+        self.dropped = dropped
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+
+
+@dataclass
+class SnapshotRecord:
+    """What a snapshot operation did before it failed (see :class:`SnapshotError`).
+
+    Attributes:
+        phase: the phase that failed (``"preflight"``, ``"prepare"``, ``"freeze"``,
+            ``"transaction"``, ``"thaw"``, ``"cleanup"``).
+        freeze_owner: ``"self"`` if this operation froze the guest, ``"external"`` if it was
+            frozen beforehand by someone else, else ``None``.
+        frozen: filesystems this operation froze.
+        thawed: filesystems this operation thawed.
+        overlays_added: overlay node names attached by this operation.
+        overlays_removed: overlay node names this operation detached again.
+        files_created: overlay image files this operation created.
+        files_removed: overlay image files this operation removed again.
+        snapshot_taken: whether the ``transaction`` was committed.
+    """
+
+    phase: str = "preflight"
+    freeze_owner: str | None = None
+    frozen: int = 0
+    thawed: int = 0
+    overlays_added: list[str] = field(default_factory=list)
+    overlays_removed: list[str] = field(default_factory=list)
+    files_created: list[str] = field(default_factory=list)
+    files_removed: list[str] = field(default_factory=list)
+    snapshot_taken: bool = False
+
+
+class SnapshotError(QMPAgentError):
+    """A snapshot could not be taken as asked.
+
+    Attributes:
+        record: a :class:`SnapshotRecord` of what was done before and after the failure
+            (frozen, thawed, overlays added and removed, files created and removed).
+    """
+
+    def __init__(self, message: str, record: SnapshotRecord | None = None) -> None:
+        super().__init__(message)
+        self.record = record if record is not None else SnapshotRecord()
+
+    @property
+    def frozen(self) -> int:
+        """Filesystems this operation froze."""
+        return self.record.frozen
+
+    @property
+    def thawed(self) -> int:
+        """Filesystems this operation thawed."""
+        return self.record.thawed
+
+
+class ThawError(SnapshotError):
+    """Thawing a freeze this operation made failed or timed out.
+
+    THE GUEST MAY STILL BE FROZEN. Check with ``guest-fsfreeze-status`` and thaw by hand
+    (``qmpagent agent fsfreeze thaw``) once the agent answers again.
+    """
