@@ -238,9 +238,9 @@ def _need(path: str | None, what: str) -> str:
 def find_tool(name: str) -> str:
     """Return the path of host tool ``name`` or raise :class:`GuestBuildError` naming the
     ``apt-get install`` line."""
+    dirs = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
     found = shutil.which(name) or next(
-        (p for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin") if os.path.exists(p := f"{d}/{name}")),
-        None,
+        (p for d in dirs if os.path.exists(p := f"{d}/{name}")), None
     )
     return _need(found, name)
 
@@ -482,7 +482,7 @@ def build_guest_image(cache_dir: str | os.PathLike[str] | None = None) -> GuestI
     )
     release, vmlinuz = _kernel_release()
     modules = _module_paths(release)
-    inputs = [qga, busybox, vmlinuz, *(p for _, p in modules)]
+    inputs: list[str | Path] = [qga, busybox, vmlinuz, *(p for _, p in modules)]
     inputs += _shared_libraries(qga) + _shared_libraries(busybox)
     digest = hashlib.sha256(
         json.dumps(

@@ -1,0 +1,691 @@
+"""``GuestAgent``: a native asyncio client of the QEMU guest agent.
+
+The protocol work (framing, 0xFF resync, id matching, size limits) is done by the sans-I/O
+:class:`~qmpagent.agent_protocol.AgentConnection`; this module only moves bytes and owns the
+timeouts. One command is in flight at a time; concurrent callers queue on a lock.
+
+The channel is synced on connect. After a timeout, a cancellation or a protocol error the channel
+is out of sync and is resynchronised before the next command (not before every command: a sync
+costs a round trip, and per-command ids already catch stale replies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+import anyio
+
+from .agent_protocol import (
+    DEFAULT_MAX_REPLY_SIZE,
+    AgentConnection,
+    ErrorReply,
+    NeedData,
+    Reply,
+    State,
+    Synced,
+)
+from .errors import (
+    AgentCommandError,
+    AgentError,
+    AgentProtocolError,
+    AgentTimeout,
+    AgentUnavailable,
+    UsageError,
+)
+
+__all__ = [
+    "DEFAULT",
+    "AgentAddress",
+    "AgentInfo",
+    "CommandInfo",
+    "ExecResult",
+    "FreezeStatus",
+    "GuestAgent",
+]
+
+log = logging.getLogger(__name__)
+
+#: Commands that send no reply when they succeed.
+NO_REPLY_COMMANDS: Final = frozenset(
+    {"guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"}
+)
+
+_READ_CHUNK: Final = 256 * 1024
+_FILE_READ_CHUNK: Final = 1024 * 1024
+
+
+class _Default(enum.Enum):
+    DEFAULT = "DEFAULT"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Sentinel: "use the client's default timeout". ``None`` means "no timeout".
+DEFAULT: Final = _Default.DEFAULT
+
+Timeout = float | None | _Default
+
+#: Where the agent listens: a unix socket path, ``(host, port)``, or ``("vsock", cid, port)``.
+AgentAddress = str | os.PathLike[str] | tuple[str, int] | tuple[str, int, int]
+
+
+class FreezeStatus(str, enum.Enum):
+    """The guest's filesystem freeze state, as ``guest-fsfreeze-status`` reports it."""
+
+    THAWED = "thawed"
+    FROZEN = "frozen"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInfo:
+    """One entry of ``guest-info``'s ``supported_commands``."""
+
+    name: str
+    enabled: bool
+    success_response: bool
+
+
+class AgentInfo(dict[str, Any]):
+    """The reply of ``guest-info``: the dict as the agent returned it (``version``,
+    ``supported_commands``), with typed accessors. Validated on construction."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        super().__init__(raw)
+        version = raw.get("version")
+        cmds = raw.get("supported_commands")
+        if not isinstance(version, str) or not isinstance(cmds, list):
+            raise AgentProtocolError("guest-info: missing version or supported_commands")
+        commands: dict[str, CommandInfo] = {}
+        for c in cmds:
+            if (
+                not isinstance(c, dict)
+                or not isinstance(c.get("name"), str)
+                or not isinstance(c.get("enabled"), bool)
+            ):
+                raise AgentProtocolError(f"guest-info: malformed command entry {c!r:.200}")
+            sr = c.get("success-response", True)
+            commands[c["name"]] = CommandInfo(c["name"], c["enabled"], sr is not False)
+        self._commands = commands
+
+    @property
+    def version(self) -> str:
+        """The agent's version, e.g. ``"7.2.22"``."""
+        return str(self["version"])
+
+    @property
+    def commands(self) -> Mapping[str, CommandInfo]:
+        """Every command the agent knows, by name."""
+        return self._commands
+
+    def supports(self, command: str) -> bool:
+        """Whether the agent knows ``command`` (enabled or not)."""
+        return command in self._commands
+
+    def is_enabled(self, command: str) -> bool:
+        """Whether ``command`` is known and enabled right now. Note that the agent disables the
+        freeze commands while it is frozen: read ``guest-fsfreeze-status`` first."""
+        info = self._commands.get(command)
+        return info is not None and info.enabled
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """The outcome of :meth:`GuestAgent.exec`.
+
+    Attributes:
+        pid: the guest process id.
+        exitcode: its exit status, or None when it was killed by a signal.
+        signal: the signal that killed it, or None.
+        stdout: captured standard output (bytes).
+        stderr: captured standard error (bytes).
+        stdout_truncated: the agent truncated stdout (it keeps at most 16 MiB).
+        stderr_truncated: the agent truncated stderr.
+    """
+
+    pid: int
+    exitcode: int | None
+    signal: int | None
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether the process exited with status 0."""
+        return self.exitcode == 0
+
+    @property
+    def text(self) -> str:
+        """stdout decoded as UTF-8 (invalid bytes replaced)."""
+        return self.stdout.decode("utf-8", "replace")
+
+
+def _expect(command: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    # bool is an int subclass: a count of True is not a count.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise AgentProtocolError(f"{command}: expected {kind}, got bool")
+    if not isinstance(value, kind):
+        raise AgentProtocolError(f"{command}: unexpected reply type {type(value).__name__}")
+    return value
+
+
+def _count(command: str, value: Any) -> int:
+    n: int = _expect(command, value, int)
+    if n < 0:
+        raise AgentProtocolError(f"{command}: negative count {n}")
+    return n
+
+
+async def _open_stream(
+    address: AgentAddress,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    limit = _READ_CHUNK
+    if isinstance(address, (str, os.PathLike)):
+        return await asyncio.open_unix_connection(os.fspath(address), limit=limit)
+    if isinstance(address, tuple) and len(address) == 2:
+        host, port = address
+        if not isinstance(host, str) or not isinstance(port, int):
+            raise UsageError(f"bad agent address {address!r}: expected (host, port)")
+        return await asyncio.open_connection(host, port, limit=limit)
+    if isinstance(address, tuple) and len(address) == 3 and address[0] == "vsock":
+        _, cid, port = address
+        if not isinstance(cid, int) or not isinstance(port, int):
+            raise UsageError(f"bad agent address {address!r}: expected ('vsock', cid, port)")
+        family = getattr(socket, "AF_VSOCK", None)
+        if family is None:
+            raise AgentUnavailable("this platform has no AF_VSOCK")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=limit)
+    raise UsageError(
+        f"bad agent address {address!r}: expected a unix path, (host, port) or "
+        "('vsock', cid, port)"
+    )
+
+
+class GuestAgent:
+    """A connection to a QEMU guest agent.
+
+    Make one with :meth:`connect`; use it as an async context manager or call :meth:`close`.
+
+    Args (of :meth:`connect`):
+        timeout: the default timeout of every command, in seconds (``None``: wait forever,
+            not recommended: the guest is untrusted). Each method takes ``timeout=`` to override.
+        max_reply_size: the longest reply accepted, in bytes.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        timeout: float | None = 5.0,
+        max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
+        name: str = "agent",
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._conn = AgentConnection(max_reply_size)
+        self._lock = asyncio.Lock()
+        self.timeout = timeout
+        self.name = name
+        self._log = log.getChild(name)
+        self._closed = False
+        #: Syncs performed on this connection (the first one on connect included).
+        self.syncs = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        address: AgentAddress,
+        timeout: float | None = 5.0,
+        *,
+        max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
+    ) -> GuestAgent:
+        """Connect to the agent at ``address`` and sync the channel before returning.
+
+        Args:
+            address: a unix socket path, ``(host, port)``, or ``("vsock", cid, port)``.
+            timeout: bounds the connect and the sync, and is the client's default per-command
+                timeout afterwards.
+            max_reply_size: the longest reply line accepted, in bytes.
+
+        Raises:
+            AgentUnavailable: cannot connect, or no answer to ``guest-sync-delimited``.
+            UsageError: a malformed address.
+        """
+        name = str(address) if not isinstance(address, tuple) else ":".join(map(str, address))
+        try:
+            with anyio.fail_after(timeout):
+                reader, writer = await _open_stream(address)
+        except TimeoutError as exc:
+            raise AgentUnavailable(f"connecting to the agent at {name} timed out") from exc
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot connect to the agent at {name}: {exc}") from exc
+        agent = cls(reader, writer, timeout=timeout, max_reply_size=max_reply_size, name=name)
+        try:
+            await agent.sync()
+        except BaseException:
+            await agent.close()
+            raise
+        return agent
+
+    async def __aenter__(self) -> GuestAgent:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._conn.receive_eof()
+        self._writer.close()
+        with anyio.move_on_after(2, shield=True):
+            with contextlib.suppress(OSError, RuntimeError):
+                await self._writer.wait_closed()
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection is open (it may still be out of sync)."""
+        return not self._closed and self._conn.state is not State.CLOSED
+
+    @property
+    def in_sync(self) -> bool:
+        """Whether the next command can be sent without a resync first."""
+        return self._conn.in_sync
+
+    # --- core -----------------------------------------------------------------------------
+
+    def _timeout(self, timeout: Timeout) -> float | None:
+        return self.timeout if timeout is DEFAULT else timeout
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self._conn.receive_eof()
+            raise AgentUnavailable(f"writing to the agent failed: {exc}") from exc
+
+    async def _next_event(self) -> Reply | ErrorReply | Synced:
+        while True:
+            event = self._conn.next_event()
+            if not isinstance(event, NeedData):
+                return event
+            try:
+                data = await self._reader.read(_READ_CHUNK)
+            except OSError as exc:
+                self._conn.receive_eof()
+                raise AgentUnavailable(f"reading from the agent failed: {exc}") from exc
+            if data:
+                self._conn.receive_data(data)
+            else:
+                self._conn.receive_eof()
+
+    async def _sync_locked(self) -> None:
+        await self._send(self._conn.start_sync())
+        self.syncs += 1
+        event = await self._next_event()
+        if not isinstance(event, Synced):  # pragma: no cover - the protocol only yields Synced
+            raise AgentProtocolError(f"unexpected event while syncing: {event!r}")
+
+    async def _exchange(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        if not self._conn.in_sync:
+            await self._sync_locked()
+        await self._send(self._conn.send_command(command, arguments))
+        event = await self._next_event()
+        if isinstance(event, Reply):
+            return event.value
+        if isinstance(event, ErrorReply):
+            raise AgentCommandError(command, event.error_class, event.desc)
+        raise AgentProtocolError(f"unexpected event for {command!r}: {event!r}")  # pragma: no cover
+
+    async def _call(self, command: str, arguments: dict[str, Any] | None, timeout: Timeout) -> Any:
+        if self._closed:
+            raise AgentUnavailable("the agent connection is closed")
+        limit = self._timeout(timeout)
+        done = False
+        try:
+            with anyio.fail_after(limit):
+                async with self._lock:
+                    try:
+                        result = await self._exchange(command, arguments)
+                        done = True
+                        return result
+                    finally:
+                        if not done:
+                            # Timeout, cancellation, protocol error, lost connection: a reply may
+                            # still come, so the channel is out of sync until the next command.
+                            self._conn.abandon()
+        except TimeoutError as exc:
+            raise AgentTimeout(f"{command}: no reply within {limit}s") from exc
+        except AgentCommandError:
+            raise
+        except AgentError as exc:
+            self._log.debug("%s failed: %s", command, exc)
+            raise
+
+    # --- generic commands -----------------------------------------------------------------
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = DEFAULT
+    ) -> Any:
+        """Run an agent command and return its ``return`` value.
+
+        Commands that send no reply on success (``guest-shutdown``, ``guest-suspend-*``) return
+        ``None`` once sent; see :meth:`execute_no_reply`.
+
+        Raises:
+            AgentCommandError: the agent answered with an error.
+            AgentTimeout: no reply within the timeout (the channel is resynced before the next
+                command).
+            AgentProtocolError: the reply is malformed or too large.
+            AgentUnavailable: the connection is closed or was lost.
+        """
+        if command in NO_REPLY_COMMANDS:
+            await self.execute_no_reply(command, arguments, timeout=timeout)
+            return None
+        return await self._call(command, arguments, timeout)
+
+    async def execute_no_reply(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = DEFAULT
+    ) -> None:
+        """Send a command that sends no reply on success; return once it is sent.
+
+        The channel is synced first if needed. An error reply the agent may still send is
+        stale by then and is dropped.
+
+        Raises:
+            AgentTimeout: the sync or the write did not complete in time.
+            AgentUnavailable: the connection is closed or was lost.
+        """
+        if self._closed:
+            raise AgentUnavailable("the agent connection is closed")
+        limit = self._timeout(timeout)
+        try:
+            with anyio.fail_after(limit):
+                async with self._lock:
+                    try:
+                        if not self._conn.in_sync:
+                            await self._sync_locked()
+                        await self._send(
+                            self._conn.send_command(command, arguments, expect_reply=False)
+                        )
+                    except BaseException:
+                        self._conn.abandon()
+                        raise
+        except TimeoutError as exc:
+            raise AgentTimeout(f"{command}: not sent within {limit}s") from exc
+
+    async def sync(self, timeout: Timeout = DEFAULT) -> None:
+        """Resynchronise the channel now (0xFF + ``guest-sync-delimited`` with a fresh random id).
+
+        Raises:
+            AgentUnavailable: no matching answer within the timeout, or the connection is lost.
+        """
+        if self._closed:
+            raise AgentUnavailable("the agent connection is closed")
+        limit = self._timeout(timeout)
+        try:
+            with anyio.fail_after(limit):
+                async with self._lock:
+                    try:
+                        await self._sync_locked()
+                    except BaseException:
+                        self._conn.abandon()
+                        raise
+        except TimeoutError as exc:
+            raise AgentUnavailable(f"no answer to guest-sync-delimited within {limit}s") from exc
+
+    # --- typed commands -------------------------------------------------------------------
+
+    async def ping(self, timeout: Timeout = DEFAULT) -> None:
+        """``guest-ping``: check that the agent answers.
+
+        Raises:
+            AgentUnavailable: no answer within the timeout (also for a lost connection).
+        """
+        try:
+            await self._call("guest-ping", None, timeout)
+        except AgentTimeout as exc:
+            raise AgentUnavailable(f"no answer to guest-ping: {exc}") from exc
+
+    async def info(self, timeout: Timeout = DEFAULT) -> AgentInfo:
+        """``guest-info``: the agent's version and its commands, with whether each is enabled.
+
+        Raises:
+            AgentError: as :meth:`execute`; AgentProtocolError for a malformed reply.
+        """
+        return AgentInfo(_expect("guest-info", await self._call("guest-info", None, timeout), dict))
+
+    async def fsfreeze_status(self, timeout: Timeout = DEFAULT) -> FreezeStatus:
+        """``guest-fsfreeze-status``: whether the agent has the guest's filesystems frozen.
+
+        Raises:
+            AgentError: as :meth:`execute`; AgentProtocolError for an unknown status.
+        """
+        value = await self._call("guest-fsfreeze-status", None, timeout)
+        try:
+            return FreezeStatus(value)
+        except ValueError as exc:
+            raise AgentProtocolError(f"guest-fsfreeze-status: unknown status {value!r:.100}") from exc
+
+    async def fsfreeze_freeze(
+        self, mountpoints: Sequence[str] | None = None, timeout: Timeout = DEFAULT
+    ) -> int:
+        """Freeze the guest's filesystems (``guest-fsfreeze-freeze``), or only ``mountpoints``
+        (``guest-fsfreeze-freeze-list``). Returns how many filesystems this call froze; a
+        filesystem already frozen by another tool in the guest is not counted.
+
+        Raises:
+            AgentCommandError: e.g. ``CommandNotFound`` when already frozen via the agent.
+            AgentTimeout: no reply in time: the guest MAY be frozen (check the status).
+        """
+        if mountpoints is None:
+            value = await self._call("guest-fsfreeze-freeze", None, timeout)
+            return _count("guest-fsfreeze-freeze", value)
+        if isinstance(mountpoints, str) or not all(isinstance(m, str) for m in mountpoints):
+            raise UsageError("mountpoints must be a sequence of strings")
+        value = await self._call(
+            "guest-fsfreeze-freeze-list", {"mountpoints": list(mountpoints)}, timeout
+        )
+        return _count("guest-fsfreeze-freeze-list", value)
+
+    async def fsfreeze_thaw(self, timeout: Timeout = DEFAULT) -> int:
+        """``guest-fsfreeze-thaw``: thaw and return how many filesystems were thawed (0 when
+        nothing was frozen).
+
+        Raises:
+            AgentError: as :meth:`execute`.
+        """
+        return _count("guest-fsfreeze-thaw", await self._call("guest-fsfreeze-thaw", None, timeout))
+
+    async def get_osinfo(self, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+        """``guest-get-osinfo``: the guest OS description (kernel, distribution...)."""
+        value = await self._call("guest-get-osinfo", None, timeout)
+        result: dict[str, Any] = _expect("guest-get-osinfo", value, dict)
+        return result
+
+    async def get_fsinfo(self, timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
+        """``guest-get-fsinfo``: the guest's mounted filesystems and their disks."""
+        value = _expect("guest-get-fsinfo", await self._call("guest-get-fsinfo", None, timeout), list)
+        for entry in value:
+            _expect("guest-get-fsinfo", entry, dict)
+        return list(value)
+
+    async def shutdown(self, mode: str = "powerdown", timeout: Timeout = DEFAULT) -> None:
+        """``guest-shutdown`` (mode ``powerdown``, ``halt`` or ``reboot``). Returns once sent:
+        the agent sends no reply on success; watch QMP for ``SHUTDOWN``.
+
+        Raises:
+            UsageError: an unknown mode.
+            AgentUnavailable, AgentTimeout: the request could not be sent.
+        """
+        if mode not in ("powerdown", "halt", "reboot"):
+            raise UsageError(f"unknown shutdown mode {mode!r}")
+        await self.execute_no_reply("guest-shutdown", {"mode": mode}, timeout=timeout)
+
+    async def suspend(self, kind: str = "ram", timeout: Timeout = DEFAULT) -> None:
+        """``guest-suspend-ram`` / ``-disk`` / ``-hybrid``. Returns once sent (no reply).
+
+        Raises:
+            UsageError: an unknown kind.
+        """
+        if kind not in ("ram", "disk", "hybrid"):
+            raise UsageError(f"unknown suspend kind {kind!r}")
+        await self.execute_no_reply(f"guest-suspend-{kind}", None, timeout=timeout)
+
+    async def exec(
+        self,
+        path: str,
+        args: Sequence[str] = (),
+        *,
+        env: Sequence[str] | None = None,
+        input_data: bytes | None = None,
+        capture_output: bool = True,
+        timeout: Timeout = DEFAULT,
+        poll_interval: float = 0.01,
+    ) -> ExecResult:
+        """Run a program in the guest (``guest-exec``) and wait for it to finish, polling
+        ``guest-exec-status`` (backing off from ``poll_interval`` to 0.25 s).
+
+        Args:
+            path: the program, e.g. ``"/bin/sh"``.
+            args: its arguments.
+            env: environment entries ``"NAME=value"``.
+            input_data: bytes for its standard input.
+            capture_output: capture stdout and stderr.
+            timeout: bounds the whole run, polling included.
+
+        Raises:
+            AgentTimeout: the program did not finish in time (it may still run in the guest).
+            AgentCommandError: the agent could not start it.
+            AgentProtocolError: a malformed reply.
+        """
+        arguments: dict[str, Any] = {"path": path, "arg": list(args), "capture-output": capture_output}
+        if env is not None:
+            arguments["env"] = list(env)
+        if input_data is not None:
+            arguments["input-data"] = base64.b64encode(input_data).decode()
+        limit = self._timeout(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        started = _expect("guest-exec", await self._call("guest-exec", arguments, limit), dict)
+        pid = _expect("guest-exec", started.get("pid"), int)
+        interval = poll_interval
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                status = await self._call("guest-exec-status", {"pid": pid}, remaining)
+            except AgentTimeout as exc:
+                raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit}s") from exc
+            status = _expect("guest-exec-status", status, dict)
+            exited = _expect("guest-exec-status", status.get("exited"), bool)
+            if exited:
+                return ExecResult(
+                    pid=pid,
+                    exitcode=_optional_int(status, "exitcode"),
+                    signal=_optional_int(status, "signal"),
+                    stdout=_b64(status, "out-data"),
+                    stderr=_b64(status, "err-data"),
+                    stdout_truncated=bool(status.get("out-truncated", False)),
+                    stderr_truncated=bool(status.get("err-truncated", False)),
+                )
+            if deadline is not None and time.monotonic() + interval > deadline:
+                raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit}s")
+            await anyio.sleep(interval)
+            interval = min(interval * 2, 0.25)
+
+    async def read_file(
+        self, path: str, *, max_size: int = 64 * 1024 * 1024, timeout: Timeout = DEFAULT
+    ) -> bytes:
+        """Read a whole file from the guest (``guest-file-open`` / ``-read`` / ``-close``).
+
+        Args:
+            path: the file in the guest.
+            max_size: refuse files larger than this many bytes.
+            timeout: per agent command.
+
+        Raises:
+            AgentCommandError: e.g. the file does not exist.
+            AgentProtocolError: a malformed reply, or the file is larger than ``max_size``.
+        """
+        handle = _expect(
+            "guest-file-open",
+            await self._call("guest-file-open", {"path": path, "mode": "r"}, timeout),
+            int,
+        )
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while True:
+                reply = _expect(
+                    "guest-file-read",
+                    await self._call(
+                        "guest-file-read", {"handle": handle, "count": _FILE_READ_CHUNK}, timeout
+                    ),
+                    dict,
+                )
+                data = _b64(reply, "buf-b64")
+                count = _expect("guest-file-read", reply.get("count"), int)
+                if count != len(data):
+                    raise AgentProtocolError("guest-file-read: count does not match the data")
+                total += count
+                if total > max_size:
+                    raise AgentProtocolError(f"{path} is larger than max_size ({max_size} bytes)")
+                chunks.append(data)
+                if _expect("guest-file-read", reply.get("eof"), bool) or count == 0:
+                    return b"".join(chunks)
+        finally:
+            if self.is_connected:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._call("guest-file-close", {"handle": handle}, timeout)
+                    except AgentError as exc:
+                        self._log.debug("guest-file-close of %s failed: %s", path, exc)
+
+
+def _optional_int(obj: dict[str, Any], key: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    result: int = _expect(key, value, int)
+    return result
+
+
+def _b64(obj: dict[str, Any], key: str) -> bytes:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise AgentProtocolError(f"{key}: expected base64 text, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AgentProtocolError(f"{key}: invalid base64") from exc
