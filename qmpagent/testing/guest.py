@@ -102,7 +102,9 @@ class WriterLog:
     def parse(cls, text: str) -> WriterLog:
         """Parse the log; a torn last line (written while we read) is ignored."""
         entries = []
-        for line in text.splitlines():
+        lines = text.split("\n")
+        lines.pop()  # the part after the last newline is empty or torn
+        for line in lines:
             parts = line.split()
             if len(parts) != 2:
                 continue
@@ -195,7 +197,7 @@ class Guest:
     async def stop_agent(self, timeout: float = 60.0) -> None:
         """Stop ``qemu-ga`` in the guest and keep it stopped until :meth:`start_agent`."""
         await self.run(
-            "touch /run/qga.hold; p=$(cat /run/qemu-ga.pid 2>/dev/null); "
+            "touch /run/qga.hold; p=$(pidof qemu-ga); "
             "[ -n \"$p\" ] && kill $p; i=0; while [ -n \"$p\" ] && kill -0 $p 2>/dev/null "
             "&& [ $i -lt 3000 ]; do usleep 10000; i=$((i+1)); done; ! kill -0 $p 2>/dev/null",
             timeout,
@@ -207,12 +209,14 @@ class Guest:
 
     async def kill_agent(self, timeout: float = 60.0) -> None:
         """Kill ``qemu-ga`` (SIGKILL); the guest's init restarts it."""
-        await self.run("kill -9 $(cat /run/qemu-ga.pid)", timeout)
+        await self.run("killall -9 qemu-ga", timeout)
 
     async def writer_log(self, disk: str = "/mnt/data", timeout: float = 60.0) -> WriterLog:
         """Read the in-guest timestamp writer's log (readable while frozen)."""
-        result = await self.run(f"cat {disk}/writer.log", timeout)
-        return WriterLog.parse(result.output)
+        # $(...) in the guest's shell loop strips trailing newlines: a marker keeps them, so a
+        # torn last line can be told from a complete one.
+        result = await self.run(f"cat {disk}/writer.log; echo __EOF__", timeout)
+        return WriterLog.parse(result.output.removesuffix("__EOF__"))
 
     async def uptime(self, timeout: float = 60.0) -> float:
         """The guest's uptime in seconds (the writer's clock)."""
@@ -436,9 +440,10 @@ async def boot_guest(
                     finally:
                         await qmp.disconnect()
                     guest.boot_time = time.monotonic() - started
-        except (TimeoutError, QMPError, OSError) as exc:
+        except (TimeoutError, QMPError, OSError, GuestError) as exc:
+            what = f"no progress in {boot_timeout}s" if isinstance(exc, TimeoutError) else str(exc)
             raise GuestError(
-                f"the guest did not get ready in {boot_timeout}s ({exc!r}); console:\n"
+                f"the guest did not get ready: {what}; console:\n"
                 + guest.console_text()[-2000:]
                 + _stderr_tail(workdir)
             ) from exc

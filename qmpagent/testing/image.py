@@ -78,6 +78,9 @@ GUEST_MODULES = (
 
 DATA_DISK_SIZE = 64 * 1024 * 1024
 
+#: Where the guest agent binary is taken from (package ``qemu-guest-agent``).
+QEMU_GA_PATH = "/usr/sbin/qemu-ga"
+
 #: The guest's PID 1. Kernel command line switches (all optional):
 #: ``qmpagent.writer=0`` disables the timestamp writer; ``qmpagent.disks=data,data2`` names the
 #: disk serials to wait for and mount at ``/mnt/<serial>``.
@@ -160,7 +163,7 @@ fi
     while :; do
         if [ -e /run/qga.hold ]; then usleep 100000; continue; fi
         qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
-            -t /run/qga -f /run/qemu-ga.pid
+            -t /run/qga
         usleep 200000
     done
 ) < /dev/null > /dev/console 2>&1 &
@@ -475,7 +478,7 @@ def build_guest_image(cache_dir: str | os.PathLike[str] | None = None) -> GuestI
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     find_tool("qemu-system-x86_64")
     find_tool("qemu-img")
-    qga = _need("/usr/sbin/qemu-ga", "/usr/sbin/qemu-ga (package qemu-guest-agent)")
+    qga = _need(QEMU_GA_PATH, f"{QEMU_GA_PATH} (package qemu-guest-agent)")
     busybox = _need(
         next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None),
         "busybox (package busybox-static)",

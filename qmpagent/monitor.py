@@ -1,0 +1,1380 @@
+"""The QMP client: :class:`Monitor`, built on :mod:`qemu.qmp`.
+
+``qemu.qmp`` does the protocol (greeting, capability negotiation, id matching, event dispatch).
+:class:`Monitor` adds what its users otherwise write by hand:
+
+* a timeout on every command (a per-monitor default, overridable per call; ``None`` means no
+  timeout), after which the connection stays usable and the late reply is discarded;
+* errors of qmpagent's own tree (:class:`~qmpagent.MonitorCommandError`,
+  :class:`~qmpagent.MonitorTimeout`, :class:`~qmpagent.MonitorUnavailable`), including a prompt
+  :class:`~qmpagent.MonitorUnavailable` for every pending command, wait and event stream when
+  QEMU goes away;
+* bounded event streams (:meth:`Monitor.listen`) that report lost events as
+  :class:`~qmpagent.EventOverflow` at the point of loss, and :meth:`Monitor.wait_event`; the
+  never-drained default listener of ``qemu.qmp`` is switched off (it grows without bound);
+* jobs run to completion and always dismissed (:meth:`Monitor.run_job`);
+* the state of the guest agent's virtio-serial port (:meth:`Monitor.agent_port_open`,
+  :meth:`Monitor.wait_agent_port`);
+* the block queries a snapshot needs (:meth:`Monitor.named_block_nodes`,
+  :meth:`Monitor.device_node_name`).
+
+Example::
+
+    async with await Monitor.connect("/run/vm/qmp.sock", command_timeout=10.0) as mon:
+        status = await mon.execute("query-status")
+        async with mon.listen("JOB_STATUS_CHANGE") as events:   # registered before the command
+            await mon.execute("blockdev-create", {...})
+            async for event in events:
+                ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, NoReturn, TypedDict
+
+from qemu.qmp import (
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    Runstate,
+    StateError,
+)
+from qemu.qmp.error import QMPError
+from qemu.qmp.protocol import ConnectError
+
+from .errors import (
+    AgentUnavailable,
+    EventOverflow,
+    JobError,
+    MonitorCommandError,
+    MonitorError,
+    MonitorTimeout,
+    MonitorUnavailable,
+    UsageError,
+)
+
+__all__ = [
+    "AGENT_PORT_NAME",
+    "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_EVENT_QUEUE_SIZE",
+    "USE_CLIENT_DEFAULT",
+    "BlockDevice",
+    "BlockNode",
+    "EventStream",
+    "JobResult",
+    "Monitor",
+    "MonitorState",
+    "QMPEvent",
+    "UseClientDefault",
+    "VirtioSerialPort",
+]
+
+log = logging.getLogger(__name__)
+
+#: The virtio-serial port name the QEMU guest agent opens in the guest.
+AGENT_PORT_NAME: Final = "org.qemu.guest_agent.0"
+#: Seconds :meth:`Monitor.connect` waits for the connection, greeting and negotiation.
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+#: The default per-command timeout of a :class:`Monitor`, in seconds.
+DEFAULT_COMMAND_TIMEOUT: Final = 30.0
+#: The default bound of an :class:`EventStream`'s queue, in events.
+DEFAULT_EVENT_QUEUE_SIZE: Final = 1024
+
+# How often waits for the agent port re-read query-chardev when no VSERPORT_CHANGE arrives
+# (the event is rate-limited and coalesced by QEMU, and not sent at all for ports without an id).
+_PORT_POLL_INTERVAL = 1.0
+
+
+class UseClientDefault(enum.Enum):
+    """Type of :data:`USE_CLIENT_DEFAULT`: "use the monitor's default timeout".
+
+    It is distinct from ``None``, which means "no timeout at all" (as in httpx).
+    """
+
+    USE_CLIENT_DEFAULT = "USE_CLIENT_DEFAULT"
+
+    def __repr__(self) -> str:
+        return "USE_CLIENT_DEFAULT"
+
+
+#: Default value of ``timeout=`` parameters: take :attr:`Monitor.command_timeout`.
+USE_CLIENT_DEFAULT: Final = UseClientDefault.USE_CLIENT_DEFAULT
+
+#: A ``timeout=`` argument: seconds, ``None`` (no timeout) or :data:`USE_CLIENT_DEFAULT`.
+Timeout = float | None | UseClientDefault
+
+
+class MonitorState(str, enum.Enum):
+    """The lifecycle of a :class:`Monitor`."""
+
+    OPEN = "open"
+    """Connected; commands can be sent."""
+    LOST = "lost"
+    """QEMU closed the connection (exited, crashed or hung up); nothing can be sent any more."""
+    CLOSED = "closed"
+    """Closed by :meth:`Monitor.close`."""
+
+
+class QMPEvent(TypedDict):
+    """A QMP event as :class:`EventStream` yields it (a plain ``dict`` at run time).
+
+    ``data`` is ``{}`` for events QEMU sends without data; ``timestamp`` is QEMU's
+    ``{"seconds": ..., "microseconds": ...}``.
+    """
+
+    event: str
+    data: dict[str, Any]
+    timestamp: dict[str, int]
+
+
+#: Filters of :meth:`Monitor.listen`: a dict that must be a subset of the event's ``data``, or a
+#: predicate on the whole event.
+EventMatch = Mapping[str, Any] | Callable[[QMPEvent], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """A job that :meth:`Monitor.run_job` ran to successful completion (and dismissed).
+
+    Attributes:
+        job_id: the job's id.
+        command: the command that started it.
+        job_type: the job type QEMU reported (``"create"``, ``"snapshot-save"``, ...), if known.
+        duration: seconds from issuing the command to the job's conclusion.
+    """
+
+    job_id: str
+    command: str
+    job_type: str | None
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioSerialPort:
+    """A ``virtserialport`` device and the state of its chardev.
+
+    Attributes:
+        device_id: the device's qdev id (what ``VSERPORT_CHANGE`` names), or ``None`` for a
+            device without an id (QEMU sends no ``VSERPORT_CHANGE`` for those).
+        chardev: the label of the chardev behind the port (e.g. ``"qga0"``).
+        name: the port name the guest sees (e.g. ``"org.qemu.guest_agent.0"``), if known.
+        open: whether a program in the guest has the port open right now (``frontend-open``
+            of the chardev in ``query-chardev``).
+        qom_path: the device's QOM path, if known.
+    """
+
+    device_id: str | None
+    chardev: str
+    name: str | None
+    open: bool
+    qom_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockNode:
+    """A named block node, from ``query-named-block-nodes``.
+
+    Attributes:
+        node_name: the node name (``#block123`` for nodes QEMU named itself).
+        driver: the block driver (``"qcow2"``, ``"file"``, ...).
+        filename: the node's file name as QEMU reports it.
+        backing_file: the backing file name, if the node has one.
+        read_only: whether the node is read-only.
+        format: the image format (``image.format``), if reported.
+        virtual_size: the image's virtual size in bytes, if reported.
+        raw: the whole entry as QEMU sent it.
+    """
+
+    node_name: str
+    driver: str
+    filename: str
+    backing_file: str | None
+    read_only: bool
+    format: str | None
+    virtual_size: int | None
+    raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+
+    @property
+    def auto_named(self) -> bool:
+        """Whether QEMU generated the node name (it starts with ``#``)."""
+        return self.node_name.startswith("#")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDevice:
+    """A block backend, from ``query-block``.
+
+    Attributes:
+        device: the legacy drive name, or ``None`` for devices attached with ``-blockdev``.
+        qdev: the qdev id or, for devices without an id, QOM path of the attached device
+            (e.g. ``"/machine/peripheral/vblk0/virtio-backend"``).
+        qdev_id: the id of the user-created device, derived from ``qdev`` (e.g. ``"vblk0"``).
+        node_name: the root (format) node of the inserted medium, or ``None`` if empty.
+        filename: the inserted medium's file name, if any.
+        driver: the inserted root node's driver, if any.
+        raw: the whole entry as QEMU sent it.
+    """
+
+    device: str | None
+    qdev: str | None
+    qdev_id: str | None
+    node_name: str | None
+    filename: str | None
+    driver: str | None
+    raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+
+
+# --- timeouts ------------------------------------------------------------------------------------
+
+if sys.version_info >= (3, 11):
+
+    def _deadline(delay: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+        # asyncio.timeout: one timer handle, no extra task; raises TimeoutError on expiry.
+        return asyncio.timeout(delay)
+
+else:  # pragma: no cover - Python 3.10
+    import anyio
+
+    class _deadline(contextlib.AbstractAsyncContextManager[object]):
+        """``anyio.fail_after`` as an async context manager (raises ``TimeoutError``)."""
+
+        def __init__(self, delay: float | None) -> None:
+            self._cm = anyio.fail_after(delay)
+
+        async def __aenter__(self) -> object:
+            return self._cm.__enter__()
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> bool | None:
+            return self._cm.__exit__(exc_type, exc, tb)
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+def _reject_all(_event: Message) -> bool:
+    return False
+
+
+def data_matches(expected: Mapping[str, Any], actual: object) -> bool:
+    """Whether ``expected`` is a subset of ``actual``, recursively for nested dicts.
+
+    Values compare with ``==``, except that a bool never matches a number (``True != 1`` here).
+    """
+    if not isinstance(actual, Mapping):
+        return False
+    for key, want in expected.items():
+        if key not in actual:
+            return False
+        have = actual[key]
+        if isinstance(want, Mapping):
+            if not data_matches(want, have):
+                return False
+        elif isinstance(want, bool) is not isinstance(have, bool) or have != want:
+            return False
+    return True
+
+
+def _to_event(msg: Message) -> QMPEvent:
+    data = msg.get("data")
+    timestamp = msg.get("timestamp")
+    return {
+        "event": str(msg["event"]),
+        "data": data if isinstance(data, dict) else {},
+        "timestamp": timestamp if isinstance(timestamp, dict) else {},
+    }
+
+
+class _Gap:
+    """Marks where events were dropped in an :class:`EventStream`'s queue."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 1
+
+
+class _StreamListener(EventListener):
+    """The ``qemu.qmp`` listener behind an :class:`EventStream`.
+
+    ``qemu.qmp`` dispatches events by awaiting ``put`` on every registered listener; this one
+    never blocks and keeps no history (the base class keeps both unbounded).
+    """
+
+    def __init__(self, stream: EventStream, names: tuple[str, ...]) -> None:
+        super().__init__(names or None)
+        self._stream = stream
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            self._stream._push(event)
+
+
+class EventStream:
+    """A bounded stream of QMP events; made by :meth:`Monitor.listen`.
+
+    Use it as an async context manager: the stream is registered on entry (so events of a
+    command issued inside the block cannot be missed) and unregistered on exit. Inside, iterate
+    it (``async for event in stream``) or call :meth:`get` / :meth:`wait`.
+
+    The queue holds at most :attr:`maxsize` events. When it is full, newer events are dropped and
+    the loss is reported in order: the consumer first receives every event queued before the
+    loss, then :class:`~qmpagent.EventOverflow` (with ``.dropped``) is raised, then the events
+    that arrived after room was made again follow. Iteration may be resumed after the error.
+    """
+
+    def __init__(
+        self,
+        monitor: Monitor,
+        names: tuple[str, ...],
+        maxsize: int,
+        match: EventMatch | None,
+    ) -> None:
+        if maxsize < 1:
+            raise UsageError(f"maxsize must be at least 1, not {maxsize}")
+        self._monitor = monitor
+        self._names = names
+        self._maxsize = maxsize
+        if match is None or callable(match):
+            self._predicate: Callable[[QMPEvent], bool] | None = match
+        elif isinstance(match, Mapping):
+            expected = dict(match)
+            self._predicate = lambda event: data_matches(expected, event["data"])
+        else:
+            raise UsageError(f"match must be a dict or a callable, not {type(match).__name__}")
+        self._listener = _StreamListener(self, names)
+        self._items: deque[QMPEvent | _Gap] = deque()
+        self._queued = 0  # events (not gaps) in _items
+        self._dropped = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._active = False
+        self._exited = False
+        self._error: str | None = None
+        self._error_cause: BaseException | None = None
+
+    def __repr__(self) -> str:
+        names = ",".join(self._names) or "*"
+        return f"<EventStream {names} queued={self._queued} dropped={self._dropped}>"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The event names this stream accepts (empty: all events)."""
+        return self._names
+
+    @property
+    def maxsize(self) -> int:
+        """The most events the queue holds."""
+        return self._maxsize
+
+    @property
+    def dropped(self) -> int:
+        """How many events were dropped so far because the queue was full."""
+        return self._dropped
+
+    def qsize(self) -> int:
+        """How many events are queued (not counting overflow markers)."""
+        return self._queued
+
+    # registration -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> EventStream:
+        if self._active or self._exited:
+            raise UsageError("an EventStream can be entered only once")
+        self._monitor._register_stream(self)
+        self._active = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._active:
+            self._active = False
+            self._exited = True
+            self._monitor._unregister_stream(self)
+            self._items.clear()
+            self._queued = 0
+            self._wake()
+
+    # producer side (called from qemu.qmp's reader task) ---------------------------------
+
+    def _push(self, msg: Message) -> None:
+        event = _to_event(msg)
+        if self._predicate is not None and not self._predicate(event):
+            return
+        items = self._items
+        if self._queued >= self._maxsize:
+            self._dropped += 1
+            tail = items[-1] if items else None
+            if isinstance(tail, _Gap):
+                tail.count += 1
+            else:
+                items.append(_Gap())
+                log.debug("%r is full: dropping events until the consumer catches up", self)
+        else:
+            items.append(event)
+            self._queued += 1
+        self._wake()
+
+    def _fail(self, message: str, cause: BaseException | None = None) -> None:
+        if self._error is None:
+            self._error = message
+            self._error_cause = cause
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # consumer side ---------------------------------------------------------------------
+
+    def _take(self) -> QMPEvent:
+        item = self._items.popleft()
+        if isinstance(item, _Gap):
+            raise EventOverflow(item.count)
+        self._queued -= 1
+        return item
+
+    def _raise_closed(self) -> NoReturn:
+        if self._error is not None:
+            raise MonitorUnavailable(self._error) from self._error_cause
+        raise UsageError("the EventStream is not active (use it inside `async with`)")
+
+    def get_nowait(self) -> QMPEvent | None:
+        """The next queued event, or ``None`` if none is queued.
+
+        Raises:
+            EventOverflow: events were lost at this point of the stream.
+            MonitorUnavailable: nothing is queued and the connection is lost or closed.
+            UsageError: the stream is not active.
+        """
+        if self._items:
+            return self._take()
+        if self._error is not None or not self._active:
+            self._raise_closed()
+        return None
+
+    async def get(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> QMPEvent:
+        """Wait for the next event.
+
+        Args:
+            timeout: seconds to wait; ``None`` waits forever; by default the monitor's
+                :attr:`~Monitor.command_timeout`.
+
+        Raises:
+            EventOverflow: events were lost at this point of the stream.
+            MonitorTimeout: no event arrived in time.
+            MonitorUnavailable: the connection was lost or closed (after queued events).
+            UsageError: the stream is not active.
+        """
+        if self._items:
+            return self._take()
+        if self._error is not None or not self._active:
+            self._raise_closed()
+        if timeout is USE_CLIENT_DEFAULT:
+            timeout = self._monitor.command_timeout
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            if timeout is None:
+                await waiter
+            else:
+                try:
+                    async with _deadline(timeout):
+                        await waiter
+                except TimeoutError as exc:
+                    names = ", ".join(self._names) or "any"
+                    raise MonitorTimeout(f"no {names} event within {timeout}s") from exc
+        finally:
+            self._waiter = None
+        if self._items:
+            return self._take()
+        self._raise_closed()
+
+    async def wait(
+        self,
+        name: str | None = None,
+        match: EventMatch | None = None,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> QMPEvent:
+        """Skip events until one named ``name`` (if given) matches ``match`` (if given).
+
+        Args:
+            name: the event name to wait for; ``None`` accepts any name the stream accepts.
+            match: a dict that must be a subset of the event's ``data``, or a predicate.
+            timeout: for the whole wait; ``None`` waits forever; by default the monitor's
+                :attr:`~Monitor.command_timeout`.
+
+        Raises:
+            EventOverflow: events were lost while waiting (the awaited one may be among them).
+            MonitorTimeout: no such event arrived in time.
+            MonitorUnavailable: the connection was lost or closed.
+            UsageError: the stream is not active, or ``match`` is neither a dict nor callable.
+        """
+        if match is None:
+            predicate: Callable[[QMPEvent], bool] | None = None
+        elif callable(match):
+            predicate = match
+        elif isinstance(match, Mapping):
+            expected = dict(match)
+
+            def predicate(event: QMPEvent) -> bool:
+                return data_matches(expected, event["data"])
+        else:
+            raise UsageError(f"match must be a dict or a callable, not {type(match).__name__}")
+        if timeout is USE_CLIENT_DEFAULT:
+            timeout = self._monitor.command_timeout
+        try:
+            async with _deadline(timeout):
+                while True:
+                    event = await self.get(timeout=None)
+                    if name is not None and event["event"] != name:
+                        continue
+                    if predicate is None or predicate(event):
+                        return event
+        except MonitorError:
+            raise
+        except TimeoutError as exc:
+            raise MonitorTimeout(f"no {name or 'matching'} event within {timeout}s") from exc
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> QMPEvent:
+        """The next event, waiting as long as it takes.
+
+        Raises:
+            EventOverflow: events were lost at this point of the stream.
+            MonitorUnavailable: the connection was lost or closed (after queued events).
+            UsageError: the stream is not active.
+        """
+        return await self.get(timeout=None)
+
+
+# --- the monitor ---------------------------------------------------------------------------------
+
+
+def _address(address: object) -> str | tuple[str, int]:
+    if isinstance(address, (str, os.PathLike)):
+        path = os.fspath(address)
+        if isinstance(path, bytes):
+            raise UsageError("a QMP socket path must be a str path, not bytes")
+        return path
+    if (
+        isinstance(address, tuple)
+        and len(address) == 2
+        and isinstance(address[0], str)
+        and isinstance(address[1], int)
+        and not isinstance(address[1], bool)
+    ):
+        return (address[0], address[1])
+    raise UsageError(
+        f"a QMP address is a unix socket path or a (host, port) tuple, not {address!r}"
+    )
+
+
+class Monitor:
+    """A QMP connection to one QEMU process, on top of ``qemu.qmp``'s :class:`QMPClient`.
+
+    Make one with :meth:`connect` or :meth:`from_client`; use it as an async context manager
+    or call :meth:`close`. Every command and every wait has a timeout: the per-call
+    ``timeout=``, else :attr:`command_timeout`. ``None`` means no timeout.
+
+    When QEMU goes away, the monitor notices at once (its state becomes
+    :attr:`MonitorState.LOST`): pending commands, waits and event streams raise
+    :class:`~qmpagent.MonitorUnavailable`, and so does everything after.
+
+    Attributes:
+        command_timeout: the default timeout, in seconds, of commands and waits
+            (``None``: none).
+    """
+
+    def __init__(
+        self,
+        client: QMPClient,
+        *,
+        command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        event_queue_size: int = DEFAULT_EVENT_QUEUE_SIZE,
+    ) -> None:
+        """Wrap a connected client; prefer :meth:`connect` or :meth:`from_client`.
+
+        Raises:
+            UsageError: the client is not connected, or there is no running event loop.
+        """
+        if client.runstate is not Runstate.RUNNING:
+            raise UsageError(f"the QMPClient is not connected ({client.runstate.name})")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError as exc:
+            raise UsageError("a Monitor must be made inside a running event loop") from exc
+        self._client = client
+        self.command_timeout = command_timeout
+        self._event_queue_size = event_queue_size
+        self._name = client.name or "qmp"
+        self._state = MonitorState.OPEN
+        self._streams: set[EventStream] = set()
+        self._reap_task: asyncio.Task[None] | None = None
+        self._cause: BaseException | None = None
+        self._ports: list[VirtioSerialPort] | None = None
+        self._flat_nodes = True
+        # qemu.qmp's default listener takes every event and is never drained: switch it off
+        # (qemu.qmp refuses to remove it) and drop whatever it holds.
+        client.events.event_filter = _reject_all
+        client.events.clear()
+        self._watcher = loop.create_task(self._watch(), name=f"qmpagent-monitor-{self._name}")
+
+    @classmethod
+    async def connect(
+        cls,
+        address: str | os.PathLike[str] | tuple[str, int],
+        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        *,
+        command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        event_queue_size: int = DEFAULT_EVENT_QUEUE_SIZE,
+        name: str | None = None,
+    ) -> Monitor:
+        """Connect to QEMU's QMP socket and negotiate capabilities.
+
+        Args:
+            address: a unix socket path, or a ``(host, port)`` tuple.
+            timeout: seconds for connecting, the greeting and negotiation (``None``: no limit).
+            command_timeout: the default timeout of commands and waits (``None``: none).
+            event_queue_size: the default bound of :meth:`listen` queues.
+            name: a name for log messages (``qemu.qmp`` logs under ``qemu.qmp.protocol.NAME``).
+
+        Raises:
+            MonitorUnavailable: the socket cannot be reached, or QEMU hung up or did not
+                speak QMP.
+            MonitorTimeout: QEMU did not complete the handshake within ``timeout``.
+            UsageError: ``address`` is neither a path nor a ``(host, port)`` tuple.
+        """
+        addr = _address(address)
+        client = QMPClient(name)
+        client.events.event_filter = _reject_all
+        try:
+            async with _deadline(timeout):
+                await client.connect(addr)
+        except TimeoutError as exc:
+            raise MonitorTimeout(f"QMP handshake with {addr!r} timed out after {timeout}s") from exc
+        except ConnectError as exc:
+            raise MonitorUnavailable(f"cannot connect to QMP at {addr!r}: {exc}") from exc
+        except (QMPError, OSError, EOFError) as exc:  # pragma: no cover - ConnectError wraps these
+            raise MonitorUnavailable(f"cannot connect to QMP at {addr!r}: {exc!r}") from exc
+        log.debug("connected to QMP at %r", addr)
+        return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size)
+
+    @classmethod
+    def from_client(
+        cls,
+        client: QMPClient,
+        *,
+        command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+        event_queue_size: int = DEFAULT_EVENT_QUEUE_SIZE,
+    ) -> Monitor:
+        """Wrap an already-connected :class:`qemu.qmp.QMPClient`.
+
+        The monitor takes the client over: it switches off the client's default ``events``
+        listener (which would otherwise keep every event forever) and disconnects the client in
+        :meth:`close`. Close through the monitor, not with ``client.disconnect()``. Must be
+        called inside a running event loop.
+
+        Raises:
+            UsageError: the client is not connected, or there is no running event loop.
+        """
+        return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size)
+
+    def __repr__(self) -> str:
+        return f"<Monitor {self._name} {self._state.value}>"
+
+    @property
+    def client(self) -> QMPClient:
+        """The underlying ``qemu.qmp`` client (for what the monitor does not offer)."""
+        return self._client
+
+    @property
+    def state(self) -> MonitorState:
+        """Whether the monitor is open, lost its connection, or was closed."""
+        return self._state
+
+    @property
+    def is_open(self) -> bool:
+        """Whether commands can be sent (the state is :attr:`MonitorState.OPEN`)."""
+        return self._state is MonitorState.OPEN
+
+    @property
+    def qemu_version(self) -> tuple[int, int, int] | None:
+        """QEMU's version from the QMP greeting, e.g. ``(7, 2, 22)``, if it sent one."""
+        greeting = self._client.greeting
+        if greeting is None:
+            return None
+        try:
+            version: Any = greeting.QMP.version
+            qemu = version["qemu"]
+            return (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Monitor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection. Idempotent; pending commands and streams get
+        :class:`~qmpagent.MonitorUnavailable`.
+
+        Raises nothing for connection errors (a lost connection is already closed).
+        """
+        if self._state is not MonitorState.CLOSED:
+            self._state = MonitorState.CLOSED
+            self._fail_streams("the monitor was closed")
+        reap = self._start_reap()
+        try:
+            await asyncio.shield(reap)
+        finally:
+            if not self._watcher.done():
+                self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        # Notice a lost connection at once, fail everything waiting, and reap the client so
+        # its bottom-half exception (EOFError, ...) is retrieved: no "never retrieved" warning.
+        client = self._client
+        while client.runstate is Runstate.RUNNING:
+            await client.runstate_changed()
+        if self._state is not MonitorState.OPEN:
+            return
+        self._state = MonitorState.LOST
+        log.warning("QMP connection %s lost (QEMU exited or closed the socket)", self._name)
+        self._fail_streams("the QMP connection was lost (QEMU exited or closed the socket)")
+        await asyncio.shield(self._start_reap())
+
+    def _start_reap(self) -> asyncio.Task[None]:
+        if self._reap_task is None:
+            self._reap_task = asyncio.get_running_loop().create_task(self._reap())
+        return self._reap_task
+
+    async def _reap(self) -> None:
+        try:
+            await self._client.disconnect()
+        except Exception as exc:  # the reason the connection ended: EOFError, OSError, ...
+            if self._cause is None:
+                self._cause = exc
+            log.debug("QMP connection %s ended: %r", self._name, exc)
+
+    def _fail_streams(self, message: str) -> None:
+        for stream in list(self._streams):
+            stream._fail(message, self._cause)
+
+    def _unavailable(self, what: str) -> MonitorUnavailable:
+        if self._state is MonitorState.CLOSED:
+            return MonitorUnavailable(f"{what}: the monitor is closed")
+        return MonitorUnavailable(
+            f"{what}: the QMP connection was lost (QEMU exited or closed the socket)"
+        )
+
+    # commands ---------------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> Any:
+        """Run a QMP command and return its ``return`` value.
+
+        Args:
+            command: the QMP command, e.g. ``"query-status"``.
+            arguments: its arguments (JSON-serialisable).
+            timeout: seconds to wait for the reply; ``None`` waits forever; by default
+                :attr:`command_timeout`. After a timeout the connection stays usable and the
+                late reply is discarded; the command may still have taken effect.
+
+        Raises:
+            MonitorCommandError: QEMU answered with an error (``.error_class``, ``.desc``).
+            MonitorTimeout: no reply within ``timeout``.
+            MonitorUnavailable: the connection is lost or closed (also if it is lost while
+                waiting: whether the command took effect is then unknown).
+            MonitorError: QEMU sent a malformed reply.
+            UsageError: ``arguments`` cannot be serialised to JSON.
+        """
+        if self._state is not MonitorState.OPEN:
+            raise self._unavailable(command)
+        if timeout is USE_CLIENT_DEFAULT:
+            timeout = self.command_timeout
+        try:
+            if timeout is None:
+                return await self._client.execute(command, arguments)
+            async with _deadline(timeout):
+                return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise MonitorCommandError(command, exc.error_class, exc.error.error.desc) from exc
+        except TimeoutError as exc:
+            raise MonitorTimeout(f"{command}: no reply within {timeout}s") from exc
+        except (ExecInterruptedError, StateError) as exc:
+            raise self._unavailable(command) from exc
+        except QMPError as exc:
+            raise MonitorError(f"{command}: bad reply from QEMU: {exc}") from exc
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{command}: arguments are not JSON-serialisable: {exc}") from exc
+
+    # events -----------------------------------------------------------------------------------
+
+    def listen(
+        self,
+        *names: str,
+        maxsize: int | None = None,
+        match: EventMatch | None = None,
+    ) -> EventStream:
+        """A bounded stream of events, to use as ``async with mon.listen(...) as events``.
+
+        The stream is registered when the ``async with`` block is entered: issue the command
+        whose events you want inside the block and none can be missed.
+
+        Args:
+            names: event names to accept; none accepts every event.
+            maxsize: the queue bound (default: the monitor's ``event_queue_size``). On overflow
+                the consumer gets :class:`~qmpagent.EventOverflow` at the point of loss.
+            match: accept only events whose ``data`` contains this dict (recursively), or for
+                which this predicate is true. Filtered events do not count against ``maxsize``.
+
+        Raises:
+            UsageError: ``maxsize`` < 1 or ``match`` is neither a dict nor callable (on entry:
+                also when the stream is entered twice).
+            MonitorUnavailable: on entry, when the connection is lost or closed.
+        """
+        for name in names:
+            if not isinstance(name, str):
+                raise UsageError(f"event names are strings, not {name!r}")
+        size = self._event_queue_size if maxsize is None else maxsize
+        return EventStream(self, names, size, match)
+
+    def _register_stream(self, stream: EventStream) -> None:
+        if self._state is not MonitorState.OPEN:
+            raise self._unavailable("listen")
+        self._client.register_listener(stream._listener)
+        self._streams.add(stream)
+
+    def _unregister_stream(self, stream: EventStream) -> None:
+        self._streams.discard(stream)
+        with contextlib.suppress(ValueError, QMPError):
+            self._client.remove_listener(stream._listener)
+
+    async def wait_event(
+        self,
+        name: str,
+        match: EventMatch | None = None,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> QMPEvent:
+        """Wait for the next event ``name`` whose ``data`` contains ``match``.
+
+        Only events that arrive after the call are seen. To catch an event caused by a command,
+        use :meth:`listen` around the command instead, or start this wait as a task first.
+
+        Args:
+            name: the event name, e.g. ``"VSERPORT_CHANGE"``.
+            match: a dict that must be a subset of the event's ``data`` (recursively), or a
+                predicate on the event.
+            timeout: by default :attr:`command_timeout`; ``None`` waits forever.
+
+        Raises:
+            MonitorTimeout: no such event arrived in time.
+            MonitorUnavailable: the connection is lost or closed.
+            UsageError: ``match`` is neither a dict nor callable.
+        """
+        # The first match is all we need: a queue of one never loses it.
+        async with self.listen(name, maxsize=1, match=match) as stream:
+            return await stream.get(timeout=timeout)
+
+    # jobs -------------------------------------------------------------------------------------
+
+    async def run_job(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        job_id: str | None = None,
+    ) -> JobResult:
+        """Run a job-based command (``blockdev-create``, ``snapshot-save``, ...) to completion.
+
+        Listens for ``JOB_STATUS_CHANGE`` before issuing the command, waits for the job to
+        conclude, reads its error with ``query-jobs`` and dismisses it. On timeout or
+        cancellation the job is cancelled (if still running) and dismissed, shielded from
+        further cancellation and bounded by :attr:`command_timeout`.
+
+        Jobs that dismiss themselves (block jobs with ``auto-dismiss``, the default there) may
+        be gone before their result can be read: start those with ``"auto-dismiss": false``.
+
+        Args:
+            command: the command that starts the job.
+            arguments: its arguments; ``"job-id"`` is added when missing.
+            timeout: for the whole job; by default :attr:`command_timeout`; ``None``: none.
+            job_id: the job id to use (default: ``arguments["job-id"]``, else a fresh one).
+
+        Returns:
+            A :class:`JobResult`.
+
+        Raises:
+            JobError: the job concluded with an error (its text in ``.desc``), or disappeared
+                before its result could be read.
+            MonitorCommandError: QEMU refused the command (no job was started).
+            MonitorTimeout: the job did not conclude in time (it was cancelled and dismissed).
+            MonitorUnavailable: the connection is lost or closed.
+            UsageError: ``job_id`` contradicts ``arguments["job-id"]``.
+        """
+        args: dict[str, object] = dict(arguments) if arguments is not None else {}
+        given = args.get("job-id")
+        if given is not None and not isinstance(given, str):
+            raise UsageError(f"job-id must be a string, not {given!r}")
+        if job_id is None:
+            job_id = given if given is not None else f"qmpagent-{secrets.token_hex(4)}"
+        elif given is not None and given != job_id:
+            raise UsageError(f"job_id={job_id!r} contradicts arguments['job-id']={given!r}")
+        args["job-id"] = job_id
+        if timeout is USE_CLIENT_DEFAULT:
+            timeout = self.command_timeout
+        started = time.monotonic()
+        issued = False
+        info: dict[str, Any] | None = None
+        block_outcome: list[QMPEvent] = []
+
+        def is_ours(event: QMPEvent) -> bool:
+            data = event["data"]
+            if event["event"] == "JOB_STATUS_CHANGE":
+                return data.get("id") == job_id
+            return data.get("device") == job_id
+
+        async with self.listen(
+            "JOB_STATUS_CHANGE", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED",
+            maxsize=64, match=is_ours,
+        ) as events:
+            try:
+                async with _deadline(timeout):
+                    await self.execute(command, args, timeout=None)
+                    issued = True
+                    log.debug("job %s (%s) started", job_id, command)
+                    await self._job_finished(job_id, events, block_outcome)
+                    info = await self._query_job(job_id, timeout=None)
+                    while True:  # block-job events queued before query-jobs' reply
+                        event = events.get_nowait()
+                        if event is None:
+                            break
+                        if event["event"] != "JOB_STATUS_CHANGE":
+                            block_outcome.append(event)
+            except BaseException as exc:
+                if issued and self._state is MonitorState.OPEN:
+                    await self._abandon_job_shielded(job_id)
+                if isinstance(exc, TimeoutError) and not isinstance(exc, MonitorError):
+                    raise MonitorTimeout(
+                        f"{command}: job {job_id} did not conclude within {timeout}s"
+                        " (it was cancelled)"
+                    ) from exc
+                raise
+        duration = time.monotonic() - started
+        if info is None:
+            # Gone before we could read it (auto-dismissed): only a block-job event tells.
+            if block_outcome:
+                last = block_outcome[-1]
+                if last["event"] == "BLOCK_JOB_CANCELLED":
+                    raise JobError(command, job_id, "the job was cancelled")
+                error = last["data"].get("error")
+                if error:
+                    raise JobError(command, job_id, str(error))
+                return JobResult(job_id, command, last["data"].get("type"), duration)
+            raise JobError(
+                command, job_id,
+                "the job disappeared before its result could be read (auto-dismiss?)",
+            )
+        error = info.get("error")
+        try:
+            await self.execute("job-dismiss", {"id": job_id})
+        except MonitorCommandError as exc:
+            if not error:
+                raise
+            log.warning("could not dismiss failed job %s: %s", job_id, exc)
+        job_type = info.get("type")
+        if error:
+            raise JobError(command, job_id, str(error))
+        log.debug("job %s (%s) concluded in %.3fs", job_id, command, duration)
+        return JobResult(job_id, command, job_type if isinstance(job_type, str) else None, duration)
+
+    async def _job_finished(
+        self, job_id: str, events: EventStream, block_outcome: list[QMPEvent]
+    ) -> None:
+        """Wait until the job concluded or vanished (``null``)."""
+        while True:
+            try:
+                event = await events.get(timeout=None)
+            except EventOverflow:
+                info = await self._query_job(job_id, timeout=None)
+                if info is None or info.get("status") == "concluded":
+                    return
+                continue
+            if event["event"] != "JOB_STATUS_CHANGE":
+                block_outcome.append(event)
+                continue
+            status = event["data"].get("status")
+            if status in ("concluded", "null"):
+                return
+
+    async def _query_job(self, job_id: str, timeout: Timeout) -> dict[str, Any] | None:
+        jobs = await self.execute("query-jobs", timeout=timeout)
+        if not isinstance(jobs, list):
+            raise MonitorError(f"query-jobs: expected a list, got {type(jobs).__name__}")
+        for job in jobs:
+            if isinstance(job, dict) and job.get("id") == job_id:
+                return job
+        return None
+
+    async def _abandon_job_shielded(self, job_id: str) -> None:
+        cleanup = asyncio.get_running_loop().create_task(self._abandon_job(job_id))
+        try:
+            await asyncio.shield(cleanup)
+        except asyncio.CancelledError:
+            # Cancelled again: the cleanup goes on in the background, bounded by its timeout.
+            cleanup.add_done_callback(_retrieve)
+            raise
+
+    async def _abandon_job(self, job_id: str) -> None:
+        """Cancel (if needed) and dismiss a job we gave up on; never raises MonitorError."""
+        limit = self.command_timeout if self.command_timeout is not None else DEFAULT_COMMAND_TIMEOUT
+        try:
+            async with (
+                self.listen("JOB_STATUS_CHANGE", maxsize=64, match={"id": job_id}) as ev,
+                _deadline(limit),
+            ):
+                info = await self._query_job(job_id, timeout=None)
+                if info is None:
+                    return
+                if info.get("status") != "concluded":
+                    log.info("cancelling job %s (status %s)", job_id, info.get("status"))
+                    try:
+                        await self.execute("job-cancel", {"id": job_id}, timeout=None)
+                    except MonitorCommandError as exc:  # it concluded meanwhile?
+                        log.debug("job-cancel %s: %s", job_id, exc)
+                    await self._job_finished(job_id, ev, [])
+                    info = await self._query_job(job_id, timeout=None)
+                    if info is None:
+                        return
+                await self.execute("job-dismiss", {"id": job_id}, timeout=None)
+                log.info("dismissed abandoned job %s", job_id)
+        except (MonitorError, TimeoutError) as exc:
+            log.warning("could not cancel and dismiss job %s: %r", job_id, exc)
+
+    # agent port -------------------------------------------------------------------------------
+
+    async def virtio_serial_ports(self, *, refresh: bool = False) -> list[VirtioSerialPort]:
+        """Every ``virtserialport`` device (in ``/machine/peripheral`` and
+        ``/machine/peripheral-anon``) with its chardev's current state.
+
+        The device list is found with ``qom-list``/``qom-get`` once and cached; ``refresh``
+        finds it again. The open state is always read afresh from ``query-chardev``.
+
+        Raises:
+            MonitorError: a query failed (see :meth:`execute`).
+        """
+        if self._ports is None or refresh:
+            self._ports = await self._discover_ports()
+        states = await self._chardev_states()
+        return [
+            VirtioSerialPort(p.device_id, p.chardev, p.name, states.get(p.chardev, False),
+                             p.qom_path)
+            for p in self._ports
+        ]
+
+    async def _discover_ports(self) -> list[VirtioSerialPort]:
+        ports = []
+        for base in ("/machine/peripheral", "/machine/peripheral-anon"):
+            try:
+                children = await self.execute("qom-list", {"path": base})
+            except MonitorCommandError:
+                continue
+            if not isinstance(children, list):
+                continue
+            for child in children:
+                if not isinstance(child, dict) or child.get("type") != "child<virtserialport>":
+                    continue
+                node = child.get("name")
+                if not isinstance(node, str):
+                    continue
+                path = f"{base}/{node}"
+                try:
+                    name = await self.execute("qom-get", {"path": path, "property": "name"})
+                    chardev = await self.execute(
+                        "qom-get", {"path": path, "property": "chardev"}
+                    )
+                except MonitorCommandError as exc:
+                    log.debug("skipping %s: %s", path, exc)
+                    continue
+                if not isinstance(chardev, str) or not chardev:
+                    continue
+                ports.append(VirtioSerialPort(
+                    device_id=node if base == "/machine/peripheral" else None,
+                    chardev=chardev,
+                    name=name if isinstance(name, str) and name else None,
+                    open=False,
+                    qom_path=path,
+                ))
+        log.debug("virtio-serial ports: %s", ports)
+        return ports
+
+    async def _chardev_states(self) -> dict[str, bool]:
+        chardevs = await self.execute("query-chardev")
+        if not isinstance(chardevs, list):
+            raise MonitorError(f"query-chardev: expected a list, got {type(chardevs).__name__}")
+        return {
+            cd["label"]: cd.get("frontend-open") is True
+            for cd in chardevs
+            if isinstance(cd, dict) and isinstance(cd.get("label"), str)
+        }
+
+    async def _agent_port_info(self, chardev: str | None) -> VirtioSerialPort:
+        fresh = self._ports is None
+        while True:
+            if self._ports is None:
+                self._ports = await self._discover_ports()
+            if chardev is None:
+                found = [p for p in self._ports if p.name == AGENT_PORT_NAME]
+            else:
+                found = [p for p in self._ports if p.chardev == chardev]
+            if found:
+                return found[0]
+            if fresh:
+                break
+            self._ports, fresh = None, True  # the cached list may be stale: look again
+        if chardev is not None:  # not a virtserialport we can see: go by the chardev alone
+            return VirtioSerialPort(None, chardev, None, False)
+        raise AgentUnavailable(f"QEMU has no virtserialport named {AGENT_PORT_NAME!r}")
+
+    async def agent_port(self, chardev: str | None = None) -> VirtioSerialPort:
+        """The guest agent's port and whether the guest has it open right now.
+
+        Args:
+            chardev: the agent's chardev label; by default the chardev of the virtserialport
+                named ``org.qemu.guest_agent.0``.
+
+        Raises:
+            AgentUnavailable: QEMU has no such port or chardev.
+            MonitorError: a query failed (see :meth:`execute`).
+        """
+        port = await self._agent_port_info(chardev)
+        states = await self._chardev_states()
+        if port.chardev not in states:
+            self._ports = None  # the device may have been replaced: find it again next time
+            raise AgentUnavailable(f"QEMU has no chardev {port.chardev!r}")
+        return VirtioSerialPort(
+            port.device_id, port.chardev, port.name, states[port.chardev], port.qom_path
+        )
+
+    async def agent_port_open(self, chardev: str | None = None) -> bool:
+        """Whether the guest has the agent's virtio-serial port open right now.
+
+        Reads ``query-chardev`` (authoritative; ``VSERPORT_CHANGE`` is only a hint).
+
+        Raises:
+            AgentUnavailable: QEMU has no agent port (or no chardev ``chardev``).
+            MonitorError: a query failed (see :meth:`execute`).
+        """
+        return (await self.agent_port(chardev)).open
+
+    async def wait_agent_port(
+        self,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        *,
+        open: bool = True,
+        chardev: str | None = None,
+    ) -> VirtioSerialPort:
+        """Wait until the guest has the agent port open (or closed, with ``open=False``).
+
+        Re-reads ``query-chardev`` on every ``VSERPORT_CHANGE`` of the port and at least once a
+        second (the event is rate-limited and coalesced by QEMU: a close and reopen within a
+        second can arrive as one event, late).
+
+        Args:
+            timeout: by default :attr:`command_timeout`; ``None`` waits forever.
+            open: the state to wait for.
+            chardev: the agent's chardev label (default: found from the port name).
+
+        Returns:
+            The port, in the awaited state.
+
+        Raises:
+            MonitorTimeout: the port did not reach the state in time.
+            AgentUnavailable: QEMU has no agent port (or no chardev ``chardev``).
+            MonitorUnavailable: the connection is lost or closed.
+        """
+        if timeout is USE_CLIENT_DEFAULT:
+            timeout = self.command_timeout
+        port = await self._agent_port_info(chardev)
+        hint: EventMatch | None = {"id": port.device_id} if port.device_id is not None else None
+        want = "open" if open else "closed"
+        try:
+            async with (
+                self.listen("VSERPORT_CHANGE", maxsize=8, match=hint) as events,
+                _deadline(timeout),
+            ):
+                while True:
+                    port = await self.agent_port(chardev)
+                    if port.open is open:
+                        return port
+                    with contextlib.suppress(MonitorTimeout, EventOverflow):
+                        await events.get(timeout=_PORT_POLL_INTERVAL)
+                    while True:  # one re-read covers every queued hint
+                        with contextlib.suppress(EventOverflow):
+                            if events.get_nowait() is None:
+                                break
+        except MonitorError:
+            raise
+        except TimeoutError as exc:
+            raise MonitorTimeout(
+                f"the agent port ({port.chardev}) was not {want} within {timeout}s"
+            ) from exc
+
+    # block ------------------------------------------------------------------------------------
+
+    async def named_block_nodes(self) -> list[BlockNode]:
+        """All named block nodes (``query-named-block-nodes``, ``flat`` where supported).
+
+        Raises:
+            MonitorError: the query failed or its reply is malformed.
+        """
+        nodes: Any = None
+        if self._flat_nodes:
+            try:
+                nodes = await self.execute("query-named-block-nodes", {"flat": True})
+            except MonitorCommandError as exc:
+                if exc.error_class != "GenericError" or "flat" not in exc.desc:
+                    raise
+                self._flat_nodes = False  # QEMU < 5.0
+        if not self._flat_nodes:
+            nodes = await self.execute("query-named-block-nodes")
+        if not isinstance(nodes, list):
+            raise MonitorError("query-named-block-nodes: expected a list")
+        result = []
+        for raw in nodes:
+            try:
+                image = raw.get("image") or {}
+                size = image.get("virtual-size")
+                result.append(BlockNode(
+                    node_name=str(raw["node-name"]),
+                    driver=str(raw["drv"]),
+                    filename=str(raw.get("file", "")),
+                    backing_file=raw.get("backing_file") or None,
+                    read_only=bool(raw.get("ro", False)),
+                    format=image.get("format"),
+                    virtual_size=size if isinstance(size, int) else None,
+                    raw=raw,
+                ))
+            except (AttributeError, KeyError, TypeError) as exc:
+                raise MonitorError(f"query-named-block-nodes: malformed entry {raw!r}") from exc
+        return result
+
+    async def block_devices(self) -> list[BlockDevice]:
+        """All block backends (``query-block``).
+
+        Raises:
+            MonitorError: the query failed or its reply is malformed.
+        """
+        entries = await self.execute("query-block")
+        if not isinstance(entries, list):
+            raise MonitorError("query-block: expected a list")
+        result = []
+        for raw in entries:
+            try:
+                inserted = raw.get("inserted") or {}
+                qdev = raw.get("qdev") or None
+                result.append(BlockDevice(
+                    device=raw.get("device") or None,
+                    qdev=qdev,
+                    qdev_id=_qdev_id(qdev),
+                    node_name=inserted.get("node-name"),
+                    filename=inserted.get("file"),
+                    driver=inserted.get("drv"),
+                    raw=raw,
+                ))
+            except (AttributeError, TypeError) as exc:
+                raise MonitorError(f"query-block: malformed entry {raw!r}") from exc
+        return result
+
+    async def device_node_name(self, device: str) -> str:
+        """The root (format) node name of a block device's medium, e.g. ``"vblk0"`` ->
+        ``"disk0"``.
+
+        Args:
+            device: the device's qdev id, its QOM path, or a legacy drive name.
+
+        Raises:
+            MonitorCommandError: no such device (``error_class`` ``"DeviceNotFound"``), or it
+                has no medium (``"GenericError"``).
+            MonitorError: the query failed.
+        """
+        def matches(dev: BlockDevice) -> bool:
+            if device in (dev.qdev_id, dev.qdev, dev.device):
+                return True
+            # a QOM path above the block device: "/machine/peripheral/vblk0"
+            return device.startswith("/") and dev.qdev is not None and dev.qdev.startswith(
+                device.rstrip("/") + "/"
+            )
+
+        for dev in await self.block_devices():
+            if matches(dev):
+                if dev.node_name is None:
+                    raise MonitorCommandError(
+                        "query-block", "GenericError", f"device {device!r} has no medium"
+                    )
+                return dev.node_name
+        raise MonitorCommandError(
+            "query-block", "DeviceNotFound", f"no block device {device!r}"
+        )
+
+
+def _qdev_id(qdev: object) -> str | None:
+    if not isinstance(qdev, str) or not qdev:
+        return None
+    if not qdev.startswith("/"):
+        return qdev
+    prefix = "/machine/peripheral/"
+    if qdev.startswith(prefix):
+        return qdev[len(prefix):].split("/", 1)[0] or None
+    return None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background job cleanup failed: %r", task.exception())
