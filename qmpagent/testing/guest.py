@@ -324,6 +324,7 @@ async def _wait_agent_port(qmp: QMPClient, chardev: str, proc: asyncio.subproces
 async def boot_guest(
     *,
     second_disk: bool = False,
+    data_disks: int = 1,
     writer: bool = True,
     paused: bool = False,
     wait_for_agent: bool = True,
@@ -336,7 +337,10 @@ async def boot_guest(
     """Boot a throwaway guest under TCG and yield a :class:`Guest`.
 
     Args:
-        second_disk: attach a second data disk (node ``disk1``, mounted at ``/mnt/data2``).
+        second_disk: attach a second data disk (node ``disk1``, mounted at ``/mnt/data2``);
+            the same as ``data_disks=2``.
+        data_disks: how many data disks (1 to 8): node ``disk<i>``, device ``vblk<i>``, mounted at
+            ``/mnt/data`` for the first and ``/mnt/data<i+1>`` for the others.
         writer: run the in-guest timestamp writer on ``/mnt/data`` (every 10 ms).
         paused: start QEMU with ``-S``; the caller sends ``cont``. Implies not waiting for the
             agent, so the caller can watch the whole boot (e.g. ``VSERPORT_CHANGE``).
@@ -360,13 +364,15 @@ async def boot_guest(
     proc: asyncio.subprocess.Process | None = None
     guest: Guest | None = None
     try:
+        count = max(data_disks, 2 if second_disk else 1)
+        if not 1 <= count <= 8:
+            raise GuestError("data_disks must be between 1 and 8")
+        serials = ["data"] + [f"data{i + 1}" for i in range(1, count)]
         disks = [
-            GuestDisk("disk0", "file0", "vblk0", workdir / "data0.qcow2", "/mnt/data"),
+            GuestDisk(f"disk{i}", f"file{i}", f"vblk{i}", workdir / f"data{i}.qcow2", f"/mnt/{serial}")
+            for i, serial in enumerate(serials)
         ]
-        bases = [image.data_disk]
-        if second_disk:
-            disks.append(GuestDisk("disk1", "file1", "vblk1", workdir / "data1.qcow2", "/mnt/data2"))
-            bases.append(image.data2_disk)
+        bases = [image.data_disk] + [image.data2_disk] * (count - 1)
         for disk, base in zip(disks, bases, strict=True):
             p = await asyncio.create_subprocess_exec(
                 qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
@@ -387,9 +393,8 @@ async def boot_guest(
         )
         rig_qmp = workdir / "rig-qmp.sock"
         control = workdir / "control.sock"
-        serials = ["data", "data2"]
         append = "console=ttyS0 quiet panic=-1 qmpagent.writer={} qmpagent.disks={}".format(
-            1 if writer else 0, ",".join(serials[: len(disks)])
+            1 if writer else 0, ",".join(serials)
         )
         argv = [
             qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", str(memory_mb),
@@ -405,7 +410,7 @@ async def boot_guest(
             "-chardev", f"socket,id=ctl0,path={control},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=ctl0,name={_CONTROL_PORT_NAME},id=ctlport0",
         ]
-        for disk, serial in zip(disks, serials[: len(disks)], strict=True):
+        for disk, serial in zip(disks, serials, strict=True):
             argv += [
                 "-blockdev", f"driver=file,filename={disk.overlay},node-name={disk.file_node_name}",
                 "-blockdev", f"driver=qcow2,file={disk.file_node_name},node-name={disk.node_name}",
