@@ -32,8 +32,9 @@ import enum
 import logging
 import os
 import secrets
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -295,11 +296,21 @@ class _Operation:
         )
 
     @contextlib.contextmanager
-    def _phase(self, name: str) -> Any:
+    def _phase(self, name: str) -> Iterator[None]:
+        """Time a phase and name it in the record. A phase run while another one's failure is
+        propagating (the thaw in a ``finally``) leaves the failed phase named, unless it fails
+        itself."""
+        failing = sys.exc_info()[1] is not None
+        previous = self.record.phase
         self.record.phase = name
         t = time.monotonic()
         try:
             yield
+        except BaseException:
+            raise
+        else:
+            if failing:
+                self.record.phase = previous
         finally:
             self.times[name] = self.times.get(name, 0.0) + time.monotonic() - t
 
