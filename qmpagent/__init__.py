@@ -9,7 +9,7 @@
 All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for the tree.
 """
 
-from .agent import DEFAULT, AgentInfo, CommandInfo, ExecResult, FreezeStatus, GuestAgent
+from .agent import AgentInfo, CommandInfo, ExecResult, FreezeStatus, GuestAgent
 from .errors import (
     AgentCommandError,
     AgentError,
@@ -20,6 +20,7 @@ from .errors import (
     JobError,
     MonitorCommandError,
     MonitorError,
+    MonitorProtocolError,
     MonitorTimeout,
     MonitorUnavailable,
     QMPAgentError,
@@ -28,30 +29,60 @@ from .errors import (
     ThawError,
     UsageError,
 )
+from .monitor import (
+    AGENT_PORT_NAME,
+    BlockDevice,
+    BlockNode,
+    EventStream,
+    JobResult,
+    Monitor,
+    MonitorState,
+    QMPEvent,
+    VirtioSerialPort,
+)
+from .snapshot import FreezeOwner, PhaseTimings, Quiesce, SnapshotOrchestrator, SnapshotResult
+from .timeouts import USE_CLIENT_DEFAULT, Timeout, UseClientDefault
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT",
+    "AGENT_PORT_NAME",
+    "USE_CLIENT_DEFAULT",
     "AgentCommandError",
     "AgentError",
     "AgentInfo",
     "AgentProtocolError",
     "AgentTimeout",
     "AgentUnavailable",
+    "BlockDevice",
+    "BlockNode",
     "CommandInfo",
     "EventOverflow",
+    "EventStream",
     "ExecResult",
+    "FreezeOwner",
     "FreezeStatus",
     "GuestAgent",
     "JobError",
+    "JobResult",
+    "Monitor",
     "MonitorCommandError",
     "MonitorError",
+    "MonitorProtocolError",
+    "MonitorState",
     "MonitorTimeout",
     "MonitorUnavailable",
+    "PhaseTimings",
     "QMPAgentError",
+    "QMPEvent",
+    "Quiesce",
     "SnapshotError",
+    "SnapshotOrchestrator",
     "SnapshotRecord",
+    "SnapshotResult",
     "ThawError",
+    "Timeout",
     "UsageError",
+    "UseClientDefault",
+    "VirtioSerialPort",
 ]

@@ -44,9 +44,9 @@ from .errors import (
     AgentUnavailable,
     UsageError,
 )
+from .timeouts import USE_CLIENT_DEFAULT, Timeout, resolve_timeout
 
 __all__ = [
-    "DEFAULT",
     "AgentAddress",
     "AgentInfo",
     "CommandInfo",
@@ -66,17 +66,6 @@ _READ_CHUNK: Final = 256 * 1024
 _FILE_READ_CHUNK: Final = 1024 * 1024
 
 
-class _Default(enum.Enum):
-    DEFAULT = "DEFAULT"
-
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-#: Sentinel: "use the client's default timeout". ``None`` means "no timeout".
-DEFAULT: Final = _Default.DEFAULT
-
-Timeout = float | None | _Default
 
 #: Where the agent listens: a unix socket path, ``(host, port)``, or ``("vsock", cid, port)``.
 AgentAddress = str | os.PathLike[str] | tuple[str, int] | tuple[str, int, int]
@@ -326,7 +315,7 @@ class GuestAgent:
     # --- core -----------------------------------------------------------------------------
 
     def _timeout(self, timeout: Timeout) -> float | None:
-        return self.timeout if timeout is DEFAULT else timeout
+        return resolve_timeout(timeout, self.timeout)
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -397,7 +386,7 @@ class GuestAgent:
     # --- generic commands -----------------------------------------------------------------
 
     async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = DEFAULT
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> Any:
         """Run an agent command and return its ``return`` value.
 
@@ -417,7 +406,7 @@ class GuestAgent:
         return await self._call(command, arguments, timeout)
 
     async def execute_no_reply(
-        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = DEFAULT
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
         """Send a command that sends no reply on success; return once it is sent.
 
@@ -446,7 +435,7 @@ class GuestAgent:
         except TimeoutError as exc:
             raise AgentTimeout(f"{command}: not sent within {limit}s") from exc
 
-    async def sync(self, timeout: Timeout = DEFAULT) -> None:
+    async def sync(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Resynchronise the channel now (0xFF + ``guest-sync-delimited`` with a fresh random id).
 
         Raises:
@@ -468,7 +457,7 @@ class GuestAgent:
 
     # --- typed commands -------------------------------------------------------------------
 
-    async def ping(self, timeout: Timeout = DEFAULT) -> None:
+    async def ping(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """``guest-ping``: check that the agent answers.
 
         Raises:
@@ -479,7 +468,7 @@ class GuestAgent:
         except AgentTimeout as exc:
             raise AgentUnavailable(f"no answer to guest-ping: {exc}") from exc
 
-    async def info(self, timeout: Timeout = DEFAULT) -> AgentInfo:
+    async def info(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> AgentInfo:
         """``guest-info``: the agent's version and its commands, with whether each is enabled.
 
         Raises:
@@ -487,7 +476,7 @@ class GuestAgent:
         """
         return AgentInfo(_expect("guest-info", await self._call("guest-info", None, timeout), dict))
 
-    async def fsfreeze_status(self, timeout: Timeout = DEFAULT) -> FreezeStatus:
+    async def fsfreeze_status(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> FreezeStatus:
         """``guest-fsfreeze-status``: whether the agent has the guest's filesystems frozen.
 
         Raises:
@@ -500,7 +489,7 @@ class GuestAgent:
             raise AgentProtocolError(f"guest-fsfreeze-status: unknown status {value!r:.100}") from exc
 
     async def fsfreeze_freeze(
-        self, mountpoints: Sequence[str] | None = None, timeout: Timeout = DEFAULT
+        self, mountpoints: Sequence[str] | None = None, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> int:
         """Freeze the guest's filesystems (``guest-fsfreeze-freeze``), or only ``mountpoints``
         (``guest-fsfreeze-freeze-list``). Returns how many filesystems this call froze; a
@@ -520,7 +509,7 @@ class GuestAgent:
         )
         return _count("guest-fsfreeze-freeze-list", value)
 
-    async def fsfreeze_thaw(self, timeout: Timeout = DEFAULT) -> int:
+    async def fsfreeze_thaw(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """``guest-fsfreeze-thaw``: thaw and return how many filesystems were thawed (0 when
         nothing was frozen).
 
@@ -529,20 +518,20 @@ class GuestAgent:
         """
         return _count("guest-fsfreeze-thaw", await self._call("guest-fsfreeze-thaw", None, timeout))
 
-    async def get_osinfo(self, timeout: Timeout = DEFAULT) -> dict[str, Any]:
+    async def get_osinfo(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> dict[str, Any]:
         """``guest-get-osinfo``: the guest OS description (kernel, distribution...)."""
         value = await self._call("guest-get-osinfo", None, timeout)
         result: dict[str, Any] = _expect("guest-get-osinfo", value, dict)
         return result
 
-    async def get_fsinfo(self, timeout: Timeout = DEFAULT) -> list[dict[str, Any]]:
+    async def get_fsinfo(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[dict[str, Any]]:
         """``guest-get-fsinfo``: the guest's mounted filesystems and their disks."""
         value = _expect("guest-get-fsinfo", await self._call("guest-get-fsinfo", None, timeout), list)
         for entry in value:
             _expect("guest-get-fsinfo", entry, dict)
         return list(value)
 
-    async def shutdown(self, mode: str = "powerdown", timeout: Timeout = DEFAULT) -> None:
+    async def shutdown(self, mode: str = "powerdown", timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """``guest-shutdown`` (mode ``powerdown``, ``halt`` or ``reboot``). Returns once sent:
         the agent sends no reply on success; watch QMP for ``SHUTDOWN``.
 
@@ -554,7 +543,7 @@ class GuestAgent:
             raise UsageError(f"unknown shutdown mode {mode!r}")
         await self.execute_no_reply("guest-shutdown", {"mode": mode}, timeout=timeout)
 
-    async def suspend(self, kind: str = "ram", timeout: Timeout = DEFAULT) -> None:
+    async def suspend(self, kind: str = "ram", timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """``guest-suspend-ram`` / ``-disk`` / ``-hybrid``. Returns once sent (no reply).
 
         Raises:
@@ -572,7 +561,7 @@ class GuestAgent:
         env: Sequence[str] | None = None,
         input_data: bytes | None = None,
         capture_output: bool = True,
-        timeout: Timeout = DEFAULT,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         poll_interval: float = 0.01,
     ) -> ExecResult:
         """Run a program in the guest (``guest-exec``) and wait for it to finish, polling
@@ -625,7 +614,7 @@ class GuestAgent:
             interval = min(interval * 2, 0.25)
 
     async def read_file(
-        self, path: str, *, max_size: int = 64 * 1024 * 1024, timeout: Timeout = DEFAULT
+        self, path: str, *, max_size: int = 64 * 1024 * 1024, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> bytes:
         """Read a whole file from the guest (``guest-file-open`` / ``-read`` / ``-close``).
 

@@ -13,6 +13,7 @@ Every error the library raises on purpose derives from :class:`QMPAgentError`::
     │   ├── MonitorTimeout              a command or a wait got no answer in time (also a TimeoutError)
     │   ├── MonitorCommandError         QEMU answered with an error (.error_class, .desc)
     │   │   └── JobError                a job concluded with an error (.job_id, .desc)
+    │   ├── MonitorProtocolError        QEMU's reply did not have the expected shape
     │   └── EventOverflow               an event queue overflowed; events were lost (.dropped)
     ├── SnapshotError                   a snapshot was not taken (carries what was done)
     │   └── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
@@ -36,6 +37,7 @@ __all__ = [
     "JobError",
     "MonitorCommandError",
     "MonitorError",
+    "MonitorProtocolError",
     "MonitorTimeout",
     "MonitorUnavailable",
     "QMPAgentError",
@@ -127,6 +129,10 @@ class MonitorCommandError(MonitorError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+class MonitorProtocolError(MonitorError):
+    """QEMU answered with something of the wrong shape (e.g. a query that returned no list)."""
 
 
 class JobError(MonitorCommandError):

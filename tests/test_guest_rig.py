@@ -107,16 +107,17 @@ async def test_two_guests_side_by_side(qemu_guest_factory) -> None:
 
 async def test_cancellation_inside_the_guest_still_cleans_up(qemu_guest_factory) -> None:
     seen: dict[str, object] = {}
+    inside = asyncio.Event()
 
     async def use_guest() -> None:
         async with qemu_guest_factory(wait_for_agent=False) as guest:
             seen["pid"], seen["workdir"] = guest.pid, guest.workdir
+            inside.set()
             await asyncio.sleep(3600)
 
     task = asyncio.ensure_future(use_guest())
     with anyio.fail_after(120):
-        while "pid" not in seen:
-            await asyncio.sleep(0.01)
+        await inside.wait()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from qmpagent import (
-    DEFAULT,
+    USE_CLIENT_DEFAULT,
     FreezeStatus,
     GuestAgent,
     MonitorTimeout,
@@ -57,13 +57,13 @@ class SlowTransactionMonitor:
         self.transactions = 0
 
     async def execute(
-        self, command: str, arguments: Mapping[str, Any] | None = None, *, timeout: Any = DEFAULT
+        self, command: str, arguments: Mapping[str, Any] | None = None, *, timeout: Any = USE_CLIENT_DEFAULT
     ) -> Any:
         if command == "transaction":
             self.transactions += 1
             if self.transactions == 1:
                 self.holding.set()
-                limit = None if timeout is DEFAULT else timeout
+                limit = None if timeout is USE_CLIENT_DEFAULT else timeout
                 try:
                     with anyio.fail_after(limit):
                         await asyncio.sleep(self.hold)

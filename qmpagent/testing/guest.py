@@ -421,13 +421,14 @@ async def boot_guest(
         argv += list(extra_args)
         log.debug("starting %s", " ".join(argv))
         started = time.monotonic()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=open(workdir / "qemu.stderr", "wb"),  # noqa: SIM115 - the child owns it
-            preexec_fn=_set_pdeathsig,
-        )
+        with open(workdir / "qemu.stderr", "wb") as stderr:  # the child keeps its own copy
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=_set_pdeathsig,
+            )
         guest._process = proc
         guest.pid = proc.pid
         deadline = started + boot_timeout
