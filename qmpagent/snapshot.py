@@ -519,14 +519,18 @@ class _Operation:
         assert self.agent is not None
         deadline = time.monotonic() + self.orch.thaw_timeout
         last: BaseException = exc
+        pause = 0.05
         while time.monotonic() < deadline:
             remaining = max(0.1, deadline - time.monotonic())
             try:
+                # Resyncs first: the late freeze reply, if any, is dropped as stale.
                 status = await self.agent.fsfreeze_status(timeout=min(remaining, self.orch.agent_timeout))
             except AgentError as e:
                 last = e
-                if not self.agent.is_connected:
+                if not self.agent.is_connected and await self._reconnect_agent() is None:
                     break
+                await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 1.0)
                 continue
             log.warning("freeze reply lost; status is %s", status.value)
             return status is FreezeStatus.FROZEN
@@ -602,6 +606,7 @@ class _Operation:
         assert self.agent is not None
         agent = self.agent
         last: BaseException | None = None
+        pause = 0.05
         with anyio.CancelScope(shield=True):
             deadline = time.monotonic() + self.orch.thaw_timeout
             while time.monotonic() < deadline:
@@ -632,6 +637,8 @@ class _Operation:
                     agent = await self._reconnect_agent() or agent
                     if not agent.is_connected:
                         break
+                await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 1.0)
         raise ThawError(
             f"thawing the guest failed ({last}): THE GUEST MAY STILL BE FROZEN; check "
             "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)",
