@@ -67,7 +67,7 @@ from .errors import (
     MonitorUnavailable,
     UsageError,
 )
-from .timeouts import USE_CLIENT_DEFAULT, Timeout
+from .timeouts import USE_CLIENT_DEFAULT, Timeout, deadline
 
 __all__ = [
     "AGENT_PORT_NAME",
@@ -224,33 +224,6 @@ class BlockDevice:
 
 
 # --- timeouts ------------------------------------------------------------------------------------
-
-if sys.version_info >= (3, 11):
-
-    def _deadline(delay: float | None) -> contextlib.AbstractAsyncContextManager[object]:
-        # asyncio.timeout: one timer handle, no extra task; raises TimeoutError on expiry.
-        return asyncio.timeout(delay)
-
-else:  # pragma: no cover - Python 3.10
-    import anyio
-
-    class _deadline(contextlib.AbstractAsyncContextManager[object]):
-        """``anyio.fail_after`` as an async context manager (raises ``TimeoutError``)."""
-
-        def __init__(self, delay: float | None) -> None:
-            self._cm = anyio.fail_after(delay)
-
-        async def __aenter__(self) -> object:
-            return self._cm.__enter__()
-
-        async def __aexit__(
-            self,
-            exc_type: type[BaseException] | None,
-            exc: BaseException | None,
-            tb: TracebackType | None,
-        ) -> bool | None:
-            return self._cm.__exit__(exc_type, exc, tb)
-
 
 class _Pending:
     """One command waiting under a :class:`_CommandDeadlines` deadline."""
@@ -579,7 +552,7 @@ class EventStream:
                 await waiter
             else:
                 try:
-                    async with _deadline(timeout):
+                    async with deadline(timeout):
                         await waiter
                 except TimeoutError as exc:
                     names = ", ".join(self._names) or "any"
@@ -625,7 +598,7 @@ class EventStream:
         if timeout is USE_CLIENT_DEFAULT:
             timeout = self._monitor.command_timeout
         try:
-            async with _deadline(timeout):
+            async with deadline(timeout):
                 while True:
                     event = await self.get(timeout=None)
                     if name is not None and event["event"] != name:
@@ -753,7 +726,7 @@ class Monitor:
         client = QMPClient(name)
         client.events.event_filter = _reject_all
         try:
-            async with _deadline(timeout):
+            async with deadline(timeout):
                 await client.connect(addr)
         except TimeoutError as exc:
             raise MonitorTimeout(f"QMP handshake with {addr!r} timed out after {timeout}s") from exc
@@ -1070,7 +1043,7 @@ class Monitor:
             maxsize=64, match=is_ours,
         ) as events:
             try:
-                async with _deadline(timeout):
+                async with deadline(timeout):
                     sent = True
                     try:
                         await self.execute(command, args, timeout=None)
@@ -1168,7 +1141,7 @@ class Monitor:
         try:
             async with (
                 self.listen("JOB_STATUS_CHANGE", maxsize=64, match={"id": job_id}) as ev,
-                _deadline(limit),
+                deadline(limit),
             ):
                 info = await self._query_job(job_id, timeout=None)
                 if info is None:
@@ -1350,7 +1323,7 @@ class Monitor:
             timeout = self.command_timeout
         want = "open" if open else "closed"
         try:
-            async with _deadline(timeout):
+            async with deadline(timeout):
                 port = await self._agent_port_info(chardev)
                 hint: EventMatch | None = None
                 if port.device_id is not None:

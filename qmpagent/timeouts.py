@@ -7,10 +7,14 @@ default value of every ``timeout=`` parameter.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
+import sys
+from types import TracebackType
 from typing import Final
 
-__all__ = ["USE_CLIENT_DEFAULT", "Timeout", "UseClientDefault", "resolve_timeout"]
+__all__ = ["USE_CLIENT_DEFAULT", "Timeout", "UseClientDefault", "deadline", "resolve_timeout"]
 
 
 class UseClientDefault(enum.Enum):
@@ -35,3 +39,32 @@ Timeout = float | None | UseClientDefault
 def resolve_timeout(timeout: Timeout, default: float | None) -> float | None:
     """The effective timeout: ``default`` for :data:`USE_CLIENT_DEFAULT`, else ``timeout``."""
     return default if timeout is USE_CLIENT_DEFAULT else timeout
+
+
+if sys.version_info >= (3, 11):
+
+    def deadline(delay: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+        """An async context manager that raises ``TimeoutError`` after ``delay`` seconds
+        (``None``: never). ``asyncio.timeout`` here: one timer handle, half the cost of
+        ``anyio.fail_after`` on a hot path like a command round trip."""
+        return asyncio.timeout(delay)
+
+else:  # pragma: no cover - Python 3.10
+    import anyio
+
+    class deadline(contextlib.AbstractAsyncContextManager[object]):
+        """``anyio.fail_after`` as an async context manager (raises ``TimeoutError``)."""
+
+        def __init__(self, delay: float | None) -> None:
+            self._cm = anyio.fail_after(delay)
+
+        async def __aenter__(self) -> object:
+            return self._cm.__enter__()
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> bool | None:
+            return self._cm.__exit__(exc_type, exc, tb)

@@ -36,8 +36,8 @@ def events(conn: AgentConnection) -> list[object]:
     return out
 
 
-def synced_conn(max_reply_size: int = 10 * 1024 * 1024) -> AgentConnection:
-    conn = AgentConnection(max_reply_size)
+def synced_conn(max_reply_size: int = 10 * 1024 * 1024, request_ids: bool = True) -> AgentConnection:
+    conn = AgentConnection(max_reply_size, request_ids=request_ids)
     sync = conn.start_sync(7)
     assert sync.startswith(b"\xff")
     conn.receive_data(PARSE_ERROR_LINE + b'\xff{"return": 7}\n')
@@ -262,6 +262,30 @@ def test_eof_while_idle_is_quiet() -> None:
     assert conn.state is State.CLOSED
 
 
+def test_without_request_ids_replies_are_taken_in_order() -> None:
+    conn = synced_conn(request_ids=False)
+    data = conn.send_command("guest-ping")
+    assert json.loads(data) == {"execute": "guest-ping"}
+    # A reply carrying an id answers somebody else's request: never ours.
+    conn.receive_data(b'{"return": "x", "id": 1}\n{"return": {}}\n')
+    assert events(conn) == [Reply("guest-ping", {})]
+    conn.send_command("guest-fsfreeze-thaw")
+    conn.receive_data(b'{"error": {"class": "GenericError", "desc": "boom"}}\n')
+    assert events(conn) == [ErrorReply("guest-fsfreeze-thaw", "GenericError", "boom")]
+    assert conn.state is State.IDLE
+
+
+def test_without_request_ids_a_no_reply_command_desyncs() -> None:
+    conn = synced_conn(request_ids=False)
+    conn.send_command("guest-shutdown", {"mode": "halt"}, expect_reply=False)
+    # A failed shutdown answers later with an error: the next command must resync first.
+    assert conn.state is State.DESYNCED
+    conn.receive_data(b'{"error": {"class": "GenericError", "desc": "late"}}\n')
+    conn.start_sync(8)
+    conn.receive_data(b'\xff{"return": 8}\n')
+    assert events(conn) == [Synced(8)]
+
+
 def test_no_reply_command_keeps_idle() -> None:
     conn = synced_conn()
     data = conn.send_command("guest-shutdown", {"mode": "powerdown"}, expect_reply=False)
@@ -338,7 +362,7 @@ _FIXED_IDS = list(range(1000, 1100))
 def test_any_chunking_decodes_the_same(data: st.DataObject, values: list[object]) -> None:
     """However each phase's bytes are split into reads, the same events come out."""
     phases = _session_phases(1234, _FIXED_IDS[: len(values)], values)
-    conn = AgentConnection(max_reply_size=4096)
+    conn = AgentConnection(max_reply_size=4096, request_ids=True)
     conn.start_sync(1234)
     got: list[object] = []
     # Predictable request ids (1000, 1001, ...) so the replies can be prepared in advance.
@@ -358,7 +382,7 @@ def test_any_chunking_decodes_the_same(data: st.DataObject, values: list[object]
 @given(noise=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 4000), max_size=20))
 def test_arbitrary_bytes_never_break_bounds(noise: bytes, cuts: list[int]) -> None:
     """Whatever a hostile guest sends, memory stays bounded and the only exceptions are typed."""
-    conn = AgentConnection(max_reply_size=256)
+    conn = AgentConnection(max_reply_size=256, request_ids=True)
     conn.start_sync(77)
     stream = noise + b'\n\xff{"return": 77}\n'
     points = sorted(c for c in cuts if c <= len(stream))

@@ -7,7 +7,6 @@ import socket
 
 import anyio
 import pytest
-from qemu.qmp import EventListener, QMPClient
 
 from qmpagent import (
     AgentCommandError,
@@ -16,6 +15,7 @@ from qmpagent import (
     GuestAgent,
     UsageError,
 )
+from qmpagent.monitor import Monitor
 from qmpagent.testing import Guest
 
 pytestmark = pytest.mark.real_vm
@@ -116,19 +116,13 @@ async def test_info_osinfo_fsinfo_exec_and_files(qemu_guest: Guest) -> None:
 
 
 async def test_shutdown_sends_no_reply_and_qmp_sees_it(qemu_guest: Guest) -> None:
-    qmp = QMPClient("test")
-    await qmp.connect(str(qemu_guest.qmp_path))
-    listener = EventListener("SHUTDOWN")
-    try:
-        with qmp.listen(listener):
-            async with await GuestAgent.connect(qemu_guest.agent_path, timeout=30) as ga:
-                with anyio.fail_after(10):
-                    await ga.shutdown()  # returns once sent
-                with anyio.fail_after(120):
-                    event = await listener.get()
-        assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
-    finally:
-        await qmp.disconnect()
+    async with await Monitor.connect(qemu_guest.qmp_path) as mon, mon.listen("SHUTDOWN") as events:
+        async with await GuestAgent.connect(qemu_guest.agent_path, timeout=30) as ga:
+            with anyio.fail_after(10):
+                await ga.shutdown()  # returns once sent
+            assert not ga.in_sync  # a late error reply would be stale: resync before the next
+        event = await events.get(timeout=120)
+    assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
 
 
 async def test_requests_written_before_the_port_opened_do_not_confuse_a_later_client(
