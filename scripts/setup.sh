@@ -35,4 +35,4 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 
 # Build (or find in the cache) the test guest.
-.venv/bin/python -m qmpagent.testing.image >/dev/null
+.venv/bin/qmpagent build-guest >/dev/null

@@ -532,15 +532,3 @@ def build_guest_image(cache_dir: str | os.PathLike[str] | None = None) -> GuestI
                 shutil.rmtree(tmp, ignore_errors=True)
     return image
 
-
-def main() -> None:
-    """``python -m qmpagent.testing.image``: build (or find) the guest and print its directory."""
-    try:
-        image = build_guest_image()
-    except GuestBuildError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(image.directory)
-
-
-if __name__ == "__main__":
-    main()
