@@ -388,7 +388,7 @@ class GuestAgent:
                             # still come, so the channel is out of sync until the next command.
                             self._conn.abandon()
         except TimeoutError as exc:
-            raise AgentTimeout(f"{command}: no reply within {limit}s") from exc
+            raise AgentTimeout(f"{command}: no reply within {limit:g}s") from exc
         except AgentCommandError:
             raise
         except AgentError as exc:
@@ -444,7 +444,7 @@ class GuestAgent:
                         self._conn.abandon()
                         raise
         except TimeoutError as exc:
-            raise AgentTimeout(f"{command}: not sent within {limit}s") from exc
+            raise AgentTimeout(f"{command}: not sent within {limit:g}s") from exc
 
     async def sync(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Resynchronise the channel now (0xFF + ``guest-sync-delimited`` with a fresh random id).
@@ -463,7 +463,7 @@ class GuestAgent:
                         self._conn.abandon()
                         raise
         except TimeoutError as exc:
-            raise AgentUnavailable(f"no answer to guest-sync-delimited within {limit}s") from exc
+            raise AgentUnavailable(f"no answer to guest-sync-delimited within {limit:g}s") from exc
 
     # --- typed commands -------------------------------------------------------------------
 
@@ -605,7 +605,7 @@ class GuestAgent:
             try:
                 status = await self._call("guest-exec-status", {"pid": pid}, remaining)
             except AgentTimeout as exc:
-                raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit}s") from exc
+                raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit:g}s") from exc
             status = _expect("guest-exec-status", status, dict)
             exited = _expect("guest-exec-status", status.get("exited"), bool)
             if exited:
@@ -619,7 +619,7 @@ class GuestAgent:
                     stderr_truncated=bool(status.get("err-truncated", False)),
                 )
             if deadline is not None and time.monotonic() + interval > deadline:
-                raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit}s")
+                raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit:g}s")
             await anyio.sleep(interval)
             interval = min(interval * 2, 0.25)
 

@@ -602,6 +602,14 @@ def _print_snapshot(result: SnapshotResult, disks: dict[str, str]) -> None:
         _out(f"  {key}{was} -> {path} (node {result.overlays.get(node, '?')})")
 
 
+def _progress(phase: str, seconds: float | None) -> None:
+    """A progress line per snapshot phase, on a terminal."""
+    if seconds is None:
+        _err(f"  {phase}...")
+    else:
+        _err(f"  {phase} done in {seconds * 1000:.1f} ms")
+
+
 async def _snapshot(args: argparse.Namespace) -> int:
     disks: dict[str, str] = dict(args.disk)
     if _tty(sys.stderr) and not args.json:
@@ -619,7 +627,12 @@ async def _snapshot(args: argparse.Namespace) -> int:
             job_timeout=args.job_timeout,
             agent_chardev=args.agent_chardev,
         )
-        result = await orch.snapshot(disks, quiesce=args.quiesce, freeze_timeout=args.freeze_timeout)
+        result = await orch.snapshot(
+            disks,
+            quiesce=args.quiesce,
+            freeze_timeout=args.freeze_timeout,
+            on_phase=_progress if _tty(sys.stderr) and not args.json else None,
+        )
     if args.json:
         _emit_json(dataclasses.asdict(result))
     else:

@@ -56,6 +56,7 @@ from qemu.qmp import (
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
+from ._shield import run_to_completion
 from .errors import (
     AgentUnavailable,
     EventOverflow,
@@ -556,7 +557,7 @@ class EventStream:
                         await waiter
                 except TimeoutError as exc:
                     names = ", ".join(self._names) or "any"
-                    raise MonitorTimeout(f"no {names} event within {timeout}s") from exc
+                    raise MonitorTimeout(f"no {names} event within {timeout:g}s") from exc
         finally:
             self._waiter = None
         if self._items:
@@ -608,7 +609,7 @@ class EventStream:
         except MonitorError:
             raise
         except TimeoutError as exc:
-            raise MonitorTimeout(f"no {name or 'matching'} event within {timeout}s") from exc
+            raise MonitorTimeout(f"no {name or 'matching'} event within {timeout:g}s") from exc
 
     def __aiter__(self) -> EventStream:
         return self
@@ -729,7 +730,7 @@ class Monitor:
             async with deadline(timeout):
                 await client.connect(addr)
         except TimeoutError as exc:
-            raise MonitorTimeout(f"QMP handshake with {addr!r} timed out after {timeout}s") from exc
+            raise MonitorTimeout(f"QMP handshake with {addr!r} timed out after {timeout:g}s") from exc
         except ConnectError as exc:
             raise MonitorUnavailable(f"cannot connect to QMP at {addr!r}: {exc}") from exc
         except (QMPError, OSError, EOFError) as exc:  # pragma: no cover - ConnectError wraps these
@@ -818,7 +819,9 @@ class Monitor:
             self._fail_streams("the monitor was closed")
         reap = self._start_reap()
         try:
-            await asyncio.shield(reap)
+            # To the end even if the caller is cancelled (again): a half-closed client would
+            # leave its exceptions unretrieved.
+            await run_to_completion(reap)
         finally:
             self._deadlines.close()
             if not self._watcher.done():
@@ -896,7 +899,7 @@ class Monitor:
             return await self._client.execute(command, arguments)
         except asyncio.CancelledError as exc:
             if pending is not None and _CommandDeadlines.timed_out(pending):
-                raise MonitorTimeout(f"{command}: no reply within {timeout}s") from exc
+                raise MonitorTimeout(f"{command}: no reply within {timeout:g}s") from exc
             raise
         except ExecuteError as exc:
             raise MonitorCommandError(command, exc.error_class, exc.error.error.desc) from exc
@@ -1072,7 +1075,7 @@ class Monitor:
                     await self._abandon_job_shielded(job_id)
                 if isinstance(exc, TimeoutError) and not isinstance(exc, MonitorError):
                     raise MonitorTimeout(
-                        f"{command}: job {job_id} did not conclude within {timeout}s"
+                        f"{command}: job {job_id} did not conclude within {timeout:g}s"
                         " (cancelled and dismissed)"
                     ) from exc
                 raise
@@ -1344,7 +1347,7 @@ class Monitor:
             raise
         except TimeoutError as exc:
             raise MonitorTimeout(
-                f"the agent port ({chardev or AGENT_PORT_NAME}) was not {want} within {timeout}s"
+                f"the agent port ({chardev or AGENT_PORT_NAME}) was not {want} within {timeout:g}s"
             ) from exc
 
     # block ------------------------------------------------------------------------------------

@@ -34,17 +34,17 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
 
+from ._shield import run_to_completion
 from .agent import AgentAddress, FreezeStatus, GuestAgent
 from .errors import (
     AgentCommandError,
     AgentError,
-    AgentTimeout,
     MonitorError,
     MonitorTimeout,
     QMPAgentError,
@@ -57,6 +57,7 @@ from .monitor import BlockNode, Monitor
 
 __all__ = [
     "FreezeOwner",
+    "PhaseCallback",
     "PhaseTimings",
     "Quiesce",
     "SnapshotOrchestrator",
@@ -67,6 +68,10 @@ log = logging.getLogger(__name__)
 
 #: Agent commands the freeze path needs; ``guest-info`` must list them as enabled.
 FREEZE_COMMANDS: Final = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
+
+
+#: ``on_phase(name, seconds)``: ``seconds`` is None when the phase starts, its duration at the end.
+PhaseCallback = Callable[[str, float | None], None]
 
 
 class Quiesce(str, enum.Enum):
@@ -198,6 +203,8 @@ class SnapshotOrchestrator:
         disks: Mapping[str, str | os.PathLike[str]],
         quiesce: Quiesce | str = Quiesce.REQUIRED,
         freeze_timeout: float = 10.0,
+        *,
+        on_phase: PhaseCallback | None = None,
     ) -> SnapshotResult:
         """Take one atomic external snapshot of ``disks``.
 
@@ -207,6 +214,10 @@ class SnapshotOrchestrator:
             quiesce: ``"required"``, ``"preferred"`` or ``"off"`` (see :class:`Quiesce`).
             freeze_timeout: the longest allowed freeze window, in seconds. If the transaction has
                 not completed by then, the guest is thawed and the snapshot is not quiesced.
+            on_phase: called as ``on_phase(name, None)`` when a phase starts and
+                ``on_phase(name, seconds)`` when it ends (``preflight``, ``prepare``, ``freeze``,
+                ``transaction``, ``thaw``), e.g. for progress output. It must not block; an
+                exception it raises is logged and ignored.
 
         Returns:
             A :class:`SnapshotResult`.
@@ -223,7 +234,7 @@ class SnapshotOrchestrator:
             raise UsageError("freeze_timeout must be positive")
         if not disks:
             raise UsageError("no disks to snapshot")
-        op = _Operation(self, mode, freeze_timeout)
+        op = _Operation(self, mode, freeze_timeout, on_phase)
         return await op.run({str(k): os.fspath(v) for k, v in disks.items()})
 
 
@@ -237,8 +248,15 @@ def _quiesce_mode(value: Quiesce | str) -> Quiesce:
 class _Operation:
     """One snapshot run: its state, its record, and the phases in order."""
 
-    def __init__(self, orch: SnapshotOrchestrator, mode: Quiesce, freeze_timeout: float) -> None:
+    def __init__(
+        self,
+        orch: SnapshotOrchestrator,
+        mode: Quiesce,
+        freeze_timeout: float,
+        on_phase: PhaseCallback | None,
+    ) -> None:
         self.orch = orch
+        self.on_phase = on_phase
         self.mon = orch.monitor
         self.mode = mode
         self.freeze_timeout = freeze_timeout
@@ -255,6 +273,7 @@ class _Operation:
         self.token = secrets.token_hex(4)
         self.window: float | None = None
         self.vm_running = False
+        self.owns_freeze = False
         self.thaw_done = False
         self.thawed_at: float | None = None
         self.transaction_sent = False
@@ -278,8 +297,7 @@ class _Operation:
             raise
         finally:
             if self.own_agent and self.agent is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.agent.close()
+                await run_to_completion(self.agent.close())
         self.times["total"] = time.monotonic() - started
         quiesced = self.owner is not None
         return SnapshotResult(
@@ -303,6 +321,7 @@ class _Operation:
         failing = sys.exc_info()[1] is not None
         previous = self.record.phase
         self.record.phase = name
+        self._notify(name, None)
         t = time.monotonic()
         try:
             yield
@@ -312,7 +331,17 @@ class _Operation:
             if failing:
                 self.record.phase = previous
         finally:
-            self.times[name] = self.times.get(name, 0.0) + time.monotonic() - t
+            elapsed = time.monotonic() - t
+            self.times[name] = self.times.get(name, 0.0) + elapsed
+            self._notify(name, elapsed)
+
+    def _notify(self, name: str, seconds: float | None) -> None:
+        if self.on_phase is None:
+            return
+        try:
+            self.on_phase(name, seconds)
+        except Exception:
+            log.exception("on_phase callback failed (ignored)")
 
     def _fail(self, message: str, cause: BaseException | None = None) -> SnapshotError:
         err = SnapshotError(message, self.record)
@@ -461,24 +490,24 @@ class _Operation:
     # --- the window -----------------------------------------------------------------------
 
     async def _freeze_snapshot_thaw(self) -> None:
-        ours = False
+        frozen_at = time.monotonic()
         try:
             if self.agent is not None and self.owner is None and self.reason is None:
                 with self._phase("freeze"):
-                    ours = await self._freeze()
+                    await self._freeze()
             frozen_at = time.monotonic()
-            budget = self.freeze_timeout if ours else self.orch.command_timeout
+            budget = self.freeze_timeout if self.owns_freeze else self.orch.command_timeout
             with self._phase("transaction"):
-                await self._transaction(budget, frozen_at if ours else None)
+                await self._transaction(budget, frozen_at if self.owns_freeze else None)
         finally:
-            if ours:
+            if self.owns_freeze:
                 with self._phase("thaw"):
-                    await self._thaw()
+                    await run_to_completion(self._thaw())
                 if self.thawed_at is not None:
                     self.window = self.thawed_at - frozen_at
 
-    async def _freeze(self) -> bool:
-        """Freeze; True if this operation now owns a freeze that must be thawed."""
+    async def _freeze(self) -> None:
+        """Freeze; sets ``owns_freeze`` as soon as this operation owns a freeze to thaw."""
         assert self.agent is not None
         t = self.orch.agent_timeout
         try:
@@ -486,31 +515,46 @@ class _Operation:
         except AgentCommandError as exc:
             # The agent answered: it thaws by itself when a freeze fails part-way, and a
             # CommandNotFound here means someone froze it since preflight. Not ours either way.
-            return self._no_freeze(f"the freeze failed: {exc}", exc)
-        except (AgentTimeout, AgentError) as exc:
-            # Invariant 5: the freeze may or may not have happened. Resolve it.
+            self._no_freeze(f"the freeze failed: {exc}", exc)
+            return
+        except AgentError as exc:
+            # Invariant 5: a timeout, a lost connection or garbage instead of the reply: the
+            # freeze may or may not have happened. Resolve it.
             if await self._resolve_lost_freeze(exc):
-                self.owner = FreezeOwner.SELF
-                self.record.freeze_owner = "self"
-                self.freeze_resolved = True
-                # We do not know the count; the thaw's count will tell.
-                return True
-            return self._no_freeze(f"the freeze got no reply ({exc}) and did not freeze", exc)
+                self._own_freeze(None)
+            else:
+                self._no_freeze(f"the freeze got no reply ({exc}) and did not freeze", exc)
+            return
+        except BaseException as exc:
+            # Cancelled while the freeze was in flight: it may have frozen the guest. Find out
+            # (to completion, whatever else is cancelled) before the cancellation goes on, so
+            # that the thaw on the way out knows whether it is ours to send.
+            if await run_to_completion(self._resolve_lost_freeze(exc)):
+                self._own_freeze(None)
+            raise
         if n == 0:
             # Invariant 1: a freeze that froze nothing is not ours (another tool may hold a
             # freeze the agent would otherwise thaw on our behalf).
-            return self._no_freeze("the freeze froze no filesystems (none, or frozen by another tool)")
-        self.frozen = n
-        self.record.frozen = n
-        self.owner = FreezeOwner.SELF
-        self.record.freeze_owner = "self"
-        return True
+            self._no_freeze("the freeze froze no filesystems (none, or frozen by another tool)")
+            return
+        self._own_freeze(n)
 
-    def _no_freeze(self, reason: str, cause: BaseException | None = None) -> bool:
+    def _own_freeze(self, count: int | None) -> None:
+        """Record that this operation froze the guest (``count`` None: a lost reply resolved
+        by the status; the thaw's count will tell how many)."""
+        self.owns_freeze = True
+        self.owner = FreezeOwner.SELF
+        self.record.freeze_owner = FreezeOwner.SELF.value
+        if count is None:
+            self.freeze_resolved = True
+        else:
+            self.frozen = count
+            self.record.frozen = count
+
+    def _no_freeze(self, reason: str, cause: BaseException | None = None) -> None:
         self.reason = reason
         if self.mode is Quiesce.REQUIRED:
             raise self._fail(f"quiesce required but not possible: {reason}", cause)
-        return False
 
     async def _resolve_lost_freeze(self, exc: BaseException) -> bool:
         """After a freeze with no reply: resync and read the status. True if frozen (ours, since
@@ -561,9 +605,9 @@ class _Operation:
     async def _window_exceeded(self, exc: MonitorTimeout) -> None:
         """The transaction did not complete within ``freeze_timeout``: thaw now, then find out
         whether it was applied (QMP runs commands in order, so a query answers after it)."""
-        self.reason = f"the freeze window exceeded freeze_timeout ({self.freeze_timeout}s)"
+        self.reason = f"the freeze window exceeded freeze_timeout ({self.freeze_timeout:g}s)"
         with self._phase("thaw"):
-            await self._thaw()
+            await run_to_completion(self._thaw())
         applied = await self._transaction_applied()
         if applied:
             self.record.snapshot_taken = True
@@ -665,7 +709,7 @@ class _Operation:
         was taken (then they are the VM's active layers)."""
         t = time.monotonic()
         try:
-            await self._undo()
+            await run_to_completion(self._undo())
         finally:
             self.times["cleanup"] = time.monotonic() - t
         log.info("snapshot failed (%s); record: %s", exc, self.record)

@@ -379,8 +379,6 @@ async def fake_thaw(fake: FakeAgent) -> None:
         await ga.fsfreeze_thaw()
 
 
-@pytest.mark.xfail(reason="library: a cancellation while guest-fsfreeze-freeze is in flight is not "
-                   "resolved (SnapshotOrchestrator._freeze): the guest can stay frozen", strict=False)
 async def test_sigterm_during_the_freeze_leaves_the_guest_thawed(qemu_guest: Guest) -> None:
     g = qemu_guest
     async with FakeAgent() as fake:

@@ -283,3 +283,46 @@ async def test_existing_overlay_file_is_refused(qemu_guest: Guest, tmp_path: Pat
             )
     assert target.read_bytes() == b"precious"
     assert os.listdir(tmp_path) == ["exists.qcow2"]
+
+
+# --- cancellation against an agent with injected delays (real QEMU, fake agent) ----------------
+
+
+async def _start_snapshot(guest: Guest, mon: Monitor, agent_address: str) -> asyncio.Task[Any]:
+    orch = SnapshotOrchestrator(mon, agent=agent_address, agent_timeout=10, thaw_timeout=10)
+    return asyncio.ensure_future(orch.snapshot({"vblk0": str(guest.workdir / "c.qcow2")}))
+
+
+async def test_native_cancel_while_the_freeze_is_in_flight_resolves_and_thaws(qemu_guest: Guest) -> None:
+    from qmpagent.testing import AgentFault, FakeAgent
+
+    async with FakeAgent() as fake, await Monitor.connect(qemu_guest.qmp_path) as mon:
+        # The freeze takes effect at once; its reply comes late, and the caller gives up first.
+        fake.inject("guest-fsfreeze-freeze", AgentFault.delay(2.0, effect_first=True))
+        task = await _start_snapshot(qemu_guest, mon, fake.address)
+        await fake.wait_for_call("guest-fsfreeze-freeze", timeout=60)
+        with anyio.fail_after(10):
+            while not fake.frozen_mountpoints:  # noqa: ASYNC110 - a condition, bounded
+                await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fake.frozen_mountpoints == []  # resolved as ours through the status, and thawed
+        assert len(fake.calls("guest-fsfreeze-thaw")) == 1
+        assert await active_node(mon, "vblk0") == "disk0"
+
+
+async def test_native_cancel_during_a_slow_thaw_waits_for_the_thaw(qemu_guest: Guest) -> None:
+    from qmpagent.testing import AgentFault, FakeAgent
+
+    async with FakeAgent() as fake, await Monitor.connect(qemu_guest.qmp_path) as mon:
+        fake.inject("guest-fsfreeze-thaw", AgentFault.delay(1.5))
+        task = await _start_snapshot(qemu_guest, mon, fake.address)
+        await fake.wait_for_call("guest-fsfreeze-thaw", timeout=60)
+        task.cancel()  # native cancellation, twice: neither may abandon the thaw
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert fake.frozen_mountpoints == []
+        assert fake.total_thawed >= 1
