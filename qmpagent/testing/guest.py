@@ -37,6 +37,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from ..errors import QMPAgentError
+from ..monitor import AGENT_PORT_NAME
 from .image import GuestImage, build_guest_image, find_tool
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 _CONTROL_PORT_NAME = "org.qmpagent.control"
 _RC_MARK = "__QMPAGENT_RC__ "
 _BEGIN_MARK = "__QMPAGENT_BEGIN__ "
