@@ -5,10 +5,18 @@ Nothing in the library imports this package.
 * :func:`boot_guest` / :class:`Guest`: a real QEMU guest (TCG) with the real ``qemu-ga``, built
   from the host's Debian packages by :func:`build_guest_image` and cached.
 * :class:`FakeAgent` and :class:`FakeQMPServer`: fault-injecting fakes of ``qemu-ga`` and of
-  QEMU's QMP, real socket servers that behave like the real peers byte for byte where it was
-  checked, for tests that need no VM.
+  QEMU's QMP (with a block graph: ``blockdev-create``, ``blockdev-add``, ``blockdev-del``,
+  ``transaction``), real socket servers that behave like the real peers byte for byte where
+  it was checked (``tests/test_conformance.py`` runs the same scenarios on both), for tests
+  that need no VM.
+* :class:`FakeVM`: the two wired together like QEMU and its guest (agent port state and
+  ``VSERPORT_CHANGE``, shutdown, reboot, pause, disks as real qcow2 files), so
+  :class:`qmpagent.SnapshotOrchestrator` runs against it unchanged.
 * The pytest plugin (:mod:`qmpagent.testing.pytest_plugin`), loaded automatically when qmpagent
-  is installed: fixtures ``qemu_guest`` and ``qemu_guest_factory``, marker ``real_vm``.
+  is installed: fixtures ``fake_vm`` and ``fake_vm_factory`` (fakes), ``qemu_guest`` and
+  ``qemu_guest_factory`` (a real guest), marker ``real_vm``.
+
+See ``docs/testing.md``.
 """
 
 from .fake_agent import (
@@ -24,6 +32,8 @@ from .fake_agent import (
     qemu_json,
 )
 from .fake_qmp import (
+    FakeBlockDevice,
+    FakeBlockNode,
     FakeCall,
     FakeJob,
     FakeQMPConnection,
@@ -32,8 +42,12 @@ from .fake_qmp import (
     FakeQOMObject,
     Fault,
     FaultKind,
+    Qcow2Header,
     ReceivedCommand,
+    create_qcow2_image,
+    read_qcow2_header,
 )
+from .fake_vm import FakeDisk, FakeVM, TransactionRecord
 from .guest import (
     AGENT_PORT_NAME,
     CommandResult,
@@ -46,35 +60,43 @@ from .guest import (
 from .image import APT_PACKAGES, GuestBuildError, GuestImage, build_guest_image, default_cache_dir
 
 __all__ = [
+    "AGENT_PORT_NAME",
+    "APT_PACKAGES",
     "AgentFault",
     "AgentFaultKind",
     "AgentInjection",
     "AgentMessage",
+    "CommandResult",
     "FakeAgent",
     "FakeAgentError",
+    "FakeBlockDevice",
+    "FakeBlockNode",
     "FakeCall",
+    "FakeDisk",
     "FakeExecResult",
     "FakeJob",
     "FakeQMPConnection",
     "FakeQMPError",
     "FakeQMPServer",
     "FakeQOMObject",
+    "FakeVM",
     "Fault",
     "FaultKind",
-    "QEMUJSONEvent",
-    "QEMUJSONStreamParser",
-    "ReceivedCommand",
-    "qemu_json",
-    "AGENT_PORT_NAME",
-    "APT_PACKAGES",
-    "CommandResult",
     "Guest",
     "GuestBuildError",
     "GuestDisk",
     "GuestError",
     "GuestImage",
+    "QEMUJSONEvent",
+    "QEMUJSONStreamParser",
+    "Qcow2Header",
+    "ReceivedCommand",
+    "TransactionRecord",
     "WriterLog",
     "boot_guest",
     "build_guest_image",
+    "create_qcow2_image",
     "default_cache_dir",
+    "qemu_json",
+    "read_qcow2_header",
 ]

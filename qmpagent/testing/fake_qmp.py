@@ -1,7 +1,7 @@
 """A fake QMP server for fast tests of code that drives QEMU: :class:`FakeQMPServer`.
 
 It is a real asyncio server (unix socket by default, or TCP on 127.0.0.1) that speaks QMP like
-QEMU: greeting with ``capabilities: ["oob"]``, ``qmp_capabilities`` negotiation, ``id`` echo,
+QEMU 7.2: greeting with ``capabilities: ["oob"]``, ``qmp_capabilities`` negotiation, ``id`` echo,
 errors as ``{"error": {"class": ..., "desc": ...}}``, events with timestamps, and a JSON *stream*
 parser (clients such as ``qemu.qmp`` send messages without a trailing newline)::
 
@@ -13,27 +13,53 @@ parser (clients such as ``qemu.qmp`` send messages without a trailing newline)::
         server.set_handler("query-foo", lambda call: {"foo": call.arguments.get("x")})
         assert server.commands("query-status")               # the record of what was received
 
+Output is formatted exactly like QEMU's (``", "`` and ``": "`` separators, members in QEMU's
+QDict order, ``\\r\\n`` after each message; see :func:`~qmpagent.testing.qemu_json`), and the
+built-in replies are built in QAPI schema order, so they are byte-identical to QEMU 7.2's
+where the values are the same (checked by ``tests/test_conformance.py``).
+
 Commands are answered by *handlers* (a table, :attr:`FakeQMPServer.handlers`, that tests can
 extend or override per command). A handler takes a :class:`FakeCall` and returns the
 ``return`` value (or an awaitable of it), or raises :class:`FakeQMPError` for an error reply.
 
 Built in: ``qmp_capabilities``, ``query-status``, ``query-version``, ``query-commands``,
-``query-chardev``, ``qom-list``, ``qom-get``, ``query-block``, ``query-named-block-nodes``,
-``query-jobs``, ``job-cancel``, ``job-dismiss``, ``stop``, ``cont``, plus job-based commands
-added with :meth:`FakeQMPServer.add_job_command`. The model behind them is deliberately simple
-and public (:attr:`~FakeQMPServer.qom`, :attr:`~FakeQMPServer.chardevs`,
-:attr:`~FakeQMPServer.block_devices`, :attr:`~FakeQMPServer.block_nodes`,
-:attr:`~FakeQMPServer.jobs`) so it can be replaced by richer models (a node graph,
-transactions, a linked fake guest agent).
+``query-chardev``, ``qom-list``, ``qom-get``, ``query-block``, ``query-named-block-nodes``
+(flat or not), ``query-jobs``, ``job-cancel``, ``job-dismiss``, ``stop``, ``cont``, plus
+job-based commands added with :meth:`FakeQMPServer.add_job_command`. With
+``block_commands=True`` (as :class:`~qmpagent.testing.FakeVM` does) also the block layer:
+``blockdev-create`` (a job; drivers ``file``, which creates the file on disk like QEMU, and
+``qcow2``, which writes a real qcow2 header recording the backing file), ``blockdev-add``
+(``file``, ``qcow2`` with ``backing: null`` or with its backing chain opened, ``raw``),
+``blockdev-del`` and ``transaction`` of ``blockdev-snapshot`` actions, atomic, all or nothing.
+
+The model behind them is public: :attr:`~FakeQMPServer.qom`, :attr:`~FakeQMPServer.chardevs`,
+the block graph (:attr:`~FakeQMPServer.nodes`, :attr:`~FakeQMPServer.devices`, queried as
+:attr:`~FakeQMPServer.block_nodes` and :attr:`~FakeQMPServer.block_devices`) and
+:attr:`~FakeQMPServer.jobs`. Errors of the block layer use QEMU 7.2's texts (e.g. ``Node 'disk0'
+is busy: node is used as backing hd of 'ov1'``, ``Block device ov1f is in use``, ``The overlay is
+already in use``); the ones listed in ``tests/test_conformance.py`` are checked against real QEMU.
 
 Faults (per command; ``times=None`` means every time): :meth:`~FakeQMPServer.delay`,
-:meth:`~FakeQMPServer.never_answer`, :meth:`~FakeQMPServer.disconnect_on`; and at any time
-:meth:`~FakeQMPServer.emit`, :meth:`~FakeQMPServer.flood`,
+:meth:`~FakeQMPServer.never_answer`, :meth:`~FakeQMPServer.disconnect_on` (each before or,
+with ``apply=True``, after the command took effect), :meth:`~FakeQMPServer.fail` (an error
+reply instead of the command), :meth:`~FakeQMPServer.fail_job` and
+:meth:`~FakeQMPServer.delay_job` (for job commands: the job fails, or runs longer); and at any
+time :meth:`~FakeQMPServer.emit`, :meth:`~FakeQMPServer.flood`,
 :meth:`~FakeQMPServer.disconnect_all`.
 
 Like QEMU, in-band commands of one connection are executed one at a time, in order (a delayed
 command delays the ones after it); ``exec-oob`` commands are executed at once. A command that
-"never answers" is swallowed (the ones after it are answered).
+"never answers" is swallowed (the ones after it are answered). Like QEMU, ``VSERPORT_CHANGE``
+sent by the model (:meth:`~FakeQMPServer.set_port_open`) is rate-limited to one event per
+second per port, keeping only the latest (delivered at the end of the second, with the
+timestamp of when it happened); :meth:`~FakeQMPServer.emit` sends at once, unthrottled.
+
+A bare server serves any number of clients at once; QEMU's ``-qmp`` socket serves one at a
+time (``max_clients=1``, as :class:`~qmpagent.testing.FakeVM` uses).
+
+Not modelled: block jobs other than ``blockdev-create``, image data (the qcow2 images have no
+clusters allocated), file locking between nodes, other transaction actions, node options
+beyond the common ones, and the ``BlockBackend`` permissions of devices.
 """
 
 from __future__ import annotations
@@ -41,21 +67,29 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import copy
 import enum
 import inspect
 import json
 import logging
 import os
+import random
+import re
 import shutil
+import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from .fake_agent import qemu_json
+
 __all__ = [
+    "FakeBlockDevice",
+    "FakeBlockNode",
     "FakeCall",
     "FakeJob",
     "FakeQMPConnection",
@@ -64,7 +98,10 @@ __all__ = [
     "FakeQOMObject",
     "Fault",
     "FaultKind",
+    "Qcow2Header",
     "ReceivedCommand",
+    "create_qcow2_image",
+    "read_qcow2_header",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +125,10 @@ class FakeQMPError(Exception):
         self.desc = desc
 
 
+def _generic(desc: str) -> FakeQMPError:
+    return FakeQMPError("GenericError", desc)
+
+
 @dataclass(frozen=True)
 class ReceivedCommand:
     """One command the server received (see :attr:`FakeQMPServer.received`).
@@ -109,6 +150,47 @@ class ReceivedCommand:
     time: float
 
 
+class FaultKind(str, enum.Enum):
+    """What a :class:`Fault` does to a command."""
+
+    DELAY = "delay"
+    """Answer normally, after a delay (the command takes effect after it too)."""
+    NEVER_ANSWER = "never-answer"
+    """Record the command, never answer it (it takes effect only with ``apply``)."""
+    DISCONNECT = "disconnect"
+    """Close the connection when the command arrives (the client is left mid-command); with
+    ``apply`` the command takes effect first and only its reply is lost."""
+    ERROR = "error"
+    """Answer with the error ``error_class``/``desc``; the command does not take effect."""
+    JOB_ERROR = "job-error"
+    """For a job command: start the job, and let it conclude with the error ``desc`` (without
+    the job's effect)."""
+    JOB_DELAY = "job-delay"
+    """For a job command: the job runs ``seconds`` longer before it concludes."""
+
+
+@dataclass
+class Fault:
+    """A fault injected into a command (see :meth:`FakeQMPServer.add_fault`).
+
+    Attributes:
+        kind: what the fault does.
+        seconds: the delay, for :attr:`FaultKind.DELAY` and :attr:`FaultKind.JOB_DELAY`.
+        times: how many more commands it applies to; ``None``: all of them.
+        apply: for :attr:`FaultKind.NEVER_ANSWER` and :attr:`FaultKind.DISCONNECT`: the
+            command takes effect before its reply is lost.
+        error_class: the error class, for :attr:`FaultKind.ERROR`.
+        desc: the error text, for :attr:`FaultKind.ERROR` and :attr:`FaultKind.JOB_ERROR`.
+    """
+
+    kind: FaultKind
+    seconds: float = 0.0
+    times: int | None = None
+    apply: bool = False
+    error_class: str = "GenericError"
+    desc: str = "injected fault"
+
+
 @dataclass
 class FakeCall:
     """What a handler gets: one command to execute.
@@ -120,6 +202,8 @@ class FakeCall:
         arguments: its arguments (``{}`` when none were sent).
         id: the request ``id``, or ``None``.
         oob: sent with ``exec-oob``.
+        fault: the fault that applies to this command, if any (job commands read
+            :attr:`FaultKind.JOB_ERROR` and :attr:`FaultKind.JOB_DELAY` from here).
     """
 
     server: FakeQMPServer
@@ -128,6 +212,7 @@ class FakeCall:
     arguments: dict[str, Any]
     id: Any = None
     oob: bool = False
+    fault: Fault | None = None
 
     def arg(self, name: str, type_: type | tuple[type, ...] = object, default: Any = ...) -> Any:
         """An argument, checked like QEMU checks it.
@@ -150,32 +235,6 @@ class FakeCall:
 Handler = Callable[[FakeCall], Any]
 
 
-class FaultKind(str, enum.Enum):
-    """What a :class:`Fault` does to a command."""
-
-    DELAY = "delay"
-    """Answer normally, after a delay."""
-    NEVER_ANSWER = "never-answer"
-    """Record the command, never answer it."""
-    DISCONNECT = "disconnect"
-    """Close the connection when the command arrives (the client is left mid-command)."""
-
-
-@dataclass
-class Fault:
-    """A fault injected into a command (see :meth:`FakeQMPServer.add_fault`).
-
-    Attributes:
-        kind: what the fault does.
-        seconds: the delay, for :attr:`FaultKind.DELAY`.
-        times: how many more commands it applies to; ``None``: all of them.
-    """
-
-    kind: FaultKind
-    seconds: float = 0.0
-    times: int | None = None
-
-
 @dataclass
 class FakeQOMObject:
     """An object in the fake QOM tree (see :attr:`FakeQMPServer.qom`).
@@ -187,6 +246,10 @@ class FakeQOMObject:
 
     type: str
     properties: dict[str, Any] = field(default_factory=dict)
+
+
+#: What a job does when it completes: returns None, or the error text it concludes with.
+JobWork = Callable[[], "str | None"]
 
 
 @dataclass
@@ -208,6 +271,7 @@ class FakeJob:
     duration: float | None = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
     _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _work: JobWork | None = field(default=None, repr=False)
 
     def info(self) -> dict[str, Any]:
         """The job as ``query-jobs`` shows it. Raises nothing."""
@@ -219,6 +283,287 @@ class FakeJob:
         if self.status == "concluded" and self.error is not None:
             info["error"] = self.error
         return info
+
+
+# =================================================================================================
+# qcow2 images (the subset QEMU's blockdev-create writes: an empty image, maybe a backing file)
+# =================================================================================================
+
+_QCOW2_MAGIC: Final = b"QFI\xfb"
+_CLUSTER_BITS: Final = 16
+_CLUSTER: Final = 1 << _CLUSTER_BITS
+_EXT_BACKING_FORMAT: Final = 0xE2792ACA
+_EXT_FEATURE_TABLE: Final = 0x6803F857
+_FEATURES: Final = (
+    (0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external data file"),
+    (0, 3, b"compression type"), (0, 4, b"extended L2 entries"), (1, 0, b"lazy refcounts"),
+    (2, 0, b"bitmaps"), (2, 1, b"raw external data"),
+)
+
+
+@dataclass(frozen=True)
+class Qcow2Header:
+    """What :func:`read_qcow2_header` found in a qcow2 image.
+
+    Attributes:
+        version: the qcow2 version (2 or 3).
+        size: the virtual size in bytes.
+        cluster_size: the cluster size in bytes.
+        backing_file: the backing file name recorded in the image, or ``None``.
+        backing_format: the backing file's format recorded in the image, or ``None``.
+    """
+
+    version: int
+    size: int
+    cluster_size: int
+    backing_file: str | None = None
+    backing_format: str | None = None
+
+
+def _pad8(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 8)
+
+
+def _qcow2_bytes(size: int, backing_file: str | None, backing_format: str | None) -> bytes:
+    """An empty qcow2 v3 image, byte for byte as QEMU 7.2's ``blockdev-create`` (and
+    ``qemu-img create``) makes it."""
+    l2_coverage = _CLUSTER * (_CLUSTER // 8)
+    l1_size = max(1, -(-size // l2_coverage))
+    l1_bytes = l1_size * 8
+    l1_clusters = -(-l1_bytes // _CLUSTER)
+    refcount_table, refcount_block, l1_table = _CLUSTER, 2 * _CLUSTER, 3 * _CLUSTER
+    extensions = b""
+    if backing_format:
+        data = backing_format.encode()
+        extensions += struct.pack(">II", _EXT_BACKING_FORMAT, len(data)) + _pad8(data)
+    table = b"".join(struct.pack(">BB", t, bit) + name.ljust(46, b"\0") for t, bit, name in _FEATURES)
+    extensions += struct.pack(">II", _EXT_FEATURE_TABLE, len(table)) + _pad8(table)
+    extensions += struct.pack(">II", 0, 0)
+    header_length = 112
+    backing = backing_file.encode() if backing_file else b""
+    backing_offset = header_length + len(extensions) if backing else 0
+    header = struct.pack(
+        ">4sIQIIQIIQQIIQQQQII",
+        _QCOW2_MAGIC, 3, backing_offset, len(backing), _CLUSTER_BITS, size, 0, l1_size,
+        l1_table, refcount_table, 1, 0, 0, 0, 0, 0, 4, header_length,
+    ) + b"\0" * 8  # compression type (zlib) and padding
+    cluster0 = header + extensions + backing
+    if len(cluster0) > _CLUSTER:
+        raise ValueError("backing file name too long")
+    clusters = 3 + l1_clusters
+    refcounts = struct.pack(f">{clusters}H", *([1] * clusters))
+    image = bytearray(l1_table + l1_bytes)
+    image[: len(cluster0)] = cluster0
+    image[refcount_table : refcount_table + 8] = struct.pack(">Q", refcount_block)
+    image[refcount_block : refcount_block + len(refcounts)] = refcounts
+    return bytes(image)
+
+
+def create_qcow2_image(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    backing_file: str | None = None,
+    backing_format: str | None = None,
+) -> None:
+    """Write an empty qcow2 v3 image to ``path`` (created or truncated), like QEMU's
+    ``blockdev-create`` with driver ``qcow2`` (64 KiB clusters, 16-bit refcounts, zlib), the
+    backing file and its format recorded in the header. ``qemu-img`` opens it.
+
+    Raises:
+        ValueError: ``size`` is negative or not a multiple of 512.
+        OSError: the file cannot be written.
+    """
+    if size < 0 or size % 512:
+        raise ValueError("Image size must be a multiple of 512 bytes")
+    data = _qcow2_bytes(size, backing_file, backing_format)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_qcow2_header(path: str | os.PathLike[str]) -> Qcow2Header:
+    """Read the header of the qcow2 image at ``path``.
+
+    Raises:
+        ValueError: the file is not a qcow2 image (``"Image is not in qcow2 format"``).
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_CLUSTER)
+    if len(head) < 72 or head[:4] != _QCOW2_MAGIC:
+        raise ValueError("Image is not in qcow2 format")
+    version, backing_offset, backing_size, cluster_bits, size = struct.unpack(">IQIIQ", head[4:32])
+    if version not in (2, 3):
+        raise ValueError(f"Unsupported qcow2 version {version}")
+    header_length = 72
+    if version == 3 and len(head) >= 104:
+        header_length = struct.unpack(">I", head[100:104])[0]
+    backing_format = None
+    offset = header_length
+    while offset + 8 <= len(head):
+        ext_type, ext_len = struct.unpack(">II", head[offset : offset + 8])
+        if ext_type == 0:
+            break
+        if ext_type == _EXT_BACKING_FORMAT:
+            backing_format = head[offset + 8 : offset + 8 + ext_len].decode(errors="replace")
+        offset += 8 + ext_len + (-ext_len % 8)
+    backing_file = None
+    if backing_offset and backing_size:
+        backing_file = head[backing_offset : backing_offset + backing_size].decode(errors="replace")
+    return Qcow2Header(version, size, 1 << cluster_bits, backing_file, backing_format)
+
+
+# =================================================================================================
+# The block graph
+# =================================================================================================
+
+_NODE_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+_FORMAT_DRIVERS: Final = frozenset({"qcow2", "raw"})
+_COMMON_OPTIONS: Final = frozenset(
+    {"driver", "node-name", "discard", "cache", "read-only", "auto-read-only", "force-share",
+     "detect-zeroes"}
+)
+_DRIVER_OPTIONS: Final[Mapping[str, frozenset[str]]] = {
+    "file": frozenset({"filename", "pr-manager", "locking", "aio", "aio-max-batch", "drop-cache",
+                       "x-check-cache-dropped"}),
+    "qcow2": frozenset({"file", "backing", "lazy-refcounts", "pass-discard-request",
+                        "pass-discard-snapshot", "pass-discard-other", "overlap-check",
+                        "cache-size", "l2-cache-size", "l2-cache-entry-size",
+                        "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"}),
+    "raw": frozenset({"file", "offset", "size"}),
+}
+# QEMU 7.2's BlockdevDriver enum: valid names the fake does not model get a clear error.
+_QEMU_DRIVERS: Final = frozenset(
+    {"blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
+     "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
+     "gluster", "host_cdrom", "host_device", "http", "https", "io_uring", "iscsi", "luks", "nbd",
+     "nfs", "null-aio", "null-co", "nvme", "nvme-io_uring", "parallels", "preallocate", "qcow",
+     "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx",
+     "virtio-blk-vfio-pci", "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "vmdk", "vpc",
+     "vvfat"}
+)
+_CREATE_OPTIONS: Final[Mapping[str, frozenset[str]]] = {
+    "file": frozenset({"driver", "filename", "size", "preallocation", "nocow",
+                       "extent-size-hint"}),
+    "qcow2": frozenset({"driver", "file", "data-file", "data-file-raw", "extended-l2", "size",
+                        "version", "backing-file", "backing-fmt", "encrypt", "cluster-size",
+                        "preallocation", "lazy-refcounts", "refcount-bits", "compression-type"}),
+}
+
+
+@dataclass
+class FakeBlockNode:
+    """A node of the fake block graph (see :attr:`FakeQMPServer.nodes`).
+
+    Attributes:
+        node_name: the node name (``#block...`` for nodes QEMU named itself).
+        driver: ``"file"`` (a protocol node) or a format (``"qcow2"``, ``"raw"``).
+        filename: the image file (a protocol node's path; a format node's file's path).
+        file: a format node's ``file`` child (a node name), else ``None``.
+        backing: the backing child (a node name), or ``None``.
+        read_only: opened read-only (QEMU reopens a node read-only when it becomes a backing
+            node in a snapshot).
+        virtual_size: a format node's size; a protocol node's length when its file does not
+            exist on disk (else the file's length is reported).
+        header_backing_file: the backing file recorded in the image, or ``None``.
+        header_backing_format: its format, recorded in the image, or ``None``.
+        backing_file: QEMU's ``backing_file`` of the node: the backing file it was opened
+            with (``None`` when added with ``backing: null``, until a snapshot gives it one).
+        backing_null: added with ``backing: null``.
+        auto_named: QEMU named it (an implicitly opened node, e.g. of a backing chain).
+        monitor_owned: added by ``blockdev-add`` (or ``-blockdev``): ``blockdev-del`` may
+            delete it.
+    """
+
+    node_name: str
+    driver: str
+    filename: str
+    file: str | None = None
+    backing: str | None = None
+    read_only: bool = False
+    virtual_size: int = 0
+    header_backing_file: str | None = None
+    header_backing_format: str | None = None
+    backing_file: str | None = None
+    backing_null: bool = False
+    auto_named: bool = False
+    monitor_owned: bool = True
+
+
+@dataclass
+class FakeBlockDevice:
+    """A block device (a ``BlockBackend`` attached to a guest device) of the fake block graph.
+
+    Attributes:
+        device_id: the qdev id of the device (e.g. ``"vblk0"``).
+        root: the node name of its root (active) node, or ``None`` (no medium).
+        qdev: the path ``query-block`` reports as ``qdev``.
+    """
+
+    device_id: str
+    root: str | None
+    qdev: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.qdev:
+            self.qdev = f"/machine/peripheral/{self.device_id}/virtio-backend"
+
+
+class _Graph:
+    """The node graph and the block devices; copied for an all-or-nothing transaction."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, FakeBlockNode] = {}  # insertion order: QEMU's graph_bdrv_states
+        self.devices: dict[str, FakeBlockDevice] = {}
+
+    def copy(self) -> _Graph:
+        clone = _Graph()
+        clone.nodes = {k: copy.copy(v) for k, v in self.nodes.items()}
+        clone.devices = {k: copy.copy(v) for k, v in self.devices.items()}
+        return clone
+
+    def lookup(self, name: str) -> FakeBlockNode:
+        node = self.nodes.get(name)
+        if node is None:
+            raise _generic(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def parents(self, name: str) -> list[tuple[str, str]]:
+        """``(parent, role)`` pairs: ``role`` is ``"file"``, ``"backing"`` or ``"device"``."""
+        found = [(d.device_id, "device") for d in self.devices.values() if d.root == name]
+        for node in self.nodes.values():
+            if node.file == name:
+                found.append((node.node_name, "file"))
+            if node.backing == name:
+                found.append((node.node_name, "backing"))
+        return found
+
+    def has_device(self, name: str) -> bool:
+        return any(d.root == name for d in self.devices.values())
+
+    def backing_parent(self, name: str) -> str | None:
+        for node in self.nodes.values():
+            if node.backing == name:
+                return node.node_name
+        return None
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _file_length(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _actual_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
 
 
 class FakeQMPConnection:
@@ -256,14 +601,15 @@ class FakeQMPConnection:
         return self._closed.is_set()
 
     async def send(self, message: Mapping[str, Any]) -> None:
-        """Send one message (a reply, an event, anything) to this client.
+        """Send one message (a reply, an event, anything) to this client, formatted like QEMU
+        (:func:`~qmpagent.testing.qemu_json`, then ``\\r\\n``).
 
         Silently does nothing when the connection is closed.
 
         Raises:
             TypeError: ``message`` is not JSON-serialisable.
         """
-        await self.send_raw(json.dumps(message, separators=(",", ":")).encode() + b"\r\n")
+        await self.send_raw(qemu_json(message).encode("ascii") + b"\r\n")
 
     async def send_raw(self, data: bytes) -> None:
         """Send raw bytes to this client (for malformed-output tests). Raises nothing."""
@@ -378,50 +724,67 @@ class FakeQMPConnection:
             await self._execute(await self._inband.get())
 
     async def _execute(self, call: FakeCall) -> None:
-        server = self.server
-        fault = server._take_fault(call.command)
-        if fault is not None:
-            if fault.kind is FaultKind.NEVER_ANSWER:
+        fault = self.server._take_fault(call.command)
+        call.fault = fault
+        kind = fault.kind if fault is not None else None
+        if fault is not None and not fault.apply:
+            if kind is FaultKind.NEVER_ANSWER:
                 log.debug("fake QMP: never answering %s", call.command)
                 return
-            if fault.kind is FaultKind.DISCONNECT:
+            if kind is FaultKind.DISCONNECT:
                 log.debug("fake QMP: disconnecting on %s", call.command)
                 self.close()
                 return
+        if fault is not None and kind is FaultKind.DELAY:
             await asyncio.sleep(fault.seconds)
+        if fault is not None and kind is FaultKind.ERROR and self.negotiated:
+            await self._send_error(call.id, fault.error_class, fault.desc)
+            return
+        reply = await self._run(call)
+        if kind is FaultKind.NEVER_ANSWER:
+            log.debug("fake QMP: %s took effect; its reply is lost", call.command)
+            return
+        if kind is FaultKind.DISCONNECT:
+            log.debug("fake QMP: %s took effect; disconnecting", call.command)
+            self.close()
+            return
+        await self.send(reply)
+
+    async def _run(self, call: FakeCall) -> dict[str, Any]:
+        """Execute ``call``; return the reply message (a result or an error)."""
         if not self.negotiated and call.command != "qmp_capabilities":
-            await self._send_error(
+            return _error_reply(
                 call.id, "CommandNotFound",
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             )
-            return
-        handler = server.handlers.get(call.command)
+        handler = self.server.handlers.get(call.command)
         if handler is None:
-            await self._send_error(
+            return _error_reply(
                 call.id, "CommandNotFound", f"The command {call.command} has not been found"
             )
-            return
         try:
             result = handler(call)
             if inspect.isawaitable(result):
                 result = await result
         except FakeQMPError as exc:
-            await self._send_error(call.id, exc.error_class, exc.desc)
-            return
+            return _error_reply(call.id, exc.error_class, exc.desc)
         except Exception as exc:  # a broken handler: answer, and say so in the log
             log.exception("fake QMP handler for %s failed", call.command)
-            await self._send_error(call.id, "GenericError", f"fake handler failed: {exc!r}")
-            return
+            return _error_reply(call.id, "GenericError", f"fake handler failed: {exc!r}")
         reply: dict[str, Any] = {"return": {} if result is None else result}
         if call.id is not None:
             reply["id"] = call.id
-        await self.send(reply)
+        return reply
 
     async def _send_error(self, msg_id: Any, error_class: str, desc: str) -> None:
-        reply: dict[str, Any] = {"error": {"class": error_class, "desc": desc}}
-        if msg_id is not None:
-            reply["id"] = msg_id
-        await self.send(reply)
+        await self.send(_error_reply(msg_id, error_class, desc))
+
+
+def _error_reply(msg_id: Any, error_class: str, desc: str) -> dict[str, Any]:
+    reply: dict[str, Any] = {"error": {"class": error_class, "desc": desc}}
+    if msg_id is not None:
+        reply["id"] = msg_id
+    return reply
 
 
 def _maybe_incomplete(text: str) -> bool:
@@ -447,6 +810,14 @@ def _maybe_incomplete(text: str) -> bool:
     return in_string or depth > 0
 
 
+@dataclass
+class _RateLimit:
+    """QEMU's per-event-key throttle state (``MonitorQAPIEventState``)."""
+
+    pending: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = None
+
+
 class FakeQMPServer:
     """A QMP server that behaves like QEMU's monitor, for tests. Use it as an async context
     manager (or :meth:`start` / :meth:`close`).
@@ -458,6 +829,16 @@ class FakeQMPServer:
             (device ``qgaport0``, chardev ``qga0``, name ``org.qemu.guest_agent.0``).
         agent_port_open: whether the guest has that port open initially.
         version: the QEMU version in the greeting.
+        package: the ``package`` string in the greeting.
+        disk: add the default disk: node ``disk0`` (qcow2) on ``file0``, image
+            ``/fake/data0.qcow2`` (which need not exist), device ``vblk0``.
+        block_commands: install ``blockdev-create``, ``blockdev-add``, ``blockdev-del`` and
+            ``transaction`` (off by default: a bare server answers them ``CommandNotFound``).
+        vserport_rate_limit: seconds between two ``VSERPORT_CHANGE`` events of one port sent
+            by the model (QEMU: 1.0); 0 sends them at once.
+        job_duration: seconds a built-in ``blockdev-create`` job runs before it concludes.
+        max_clients: serve at most this many clients at a time; the others wait, unserved
+            (no greeting), like QEMU's ``-qmp`` socket, which serves one (``None``: no limit).
 
     Attributes:
         address: where clients connect (a path str, or ``(host, port)``).
@@ -468,9 +849,11 @@ class FakeQMPServer:
         status: the run state ``query-status`` reports (``"running"``, ``"paused"``, ...).
         chardevs: chardev label -> ``{"filename": ..., "frontend-open": ...}``.
         qom: QOM path -> :class:`FakeQOMObject` (``qom-list`` lists children and properties).
-        block_devices: ``query-block`` entries (dicts as QEMU sends them).
-        block_nodes: ``query-named-block-nodes`` entries (dicts as QEMU sends them).
+        nodes: the block graph: node name -> :class:`FakeBlockNode`, oldest first.
+        devices: qdev id -> :class:`FakeBlockDevice`.
         jobs: job id -> :class:`FakeJob`.
+        rate_limits: event name -> minimum seconds between two events of one key (the model's
+            events only; see :meth:`queue_event`).
     """
 
     def __init__(
@@ -481,15 +864,32 @@ class FakeQMPServer:
         agent_port: bool = True,
         agent_port_open: bool = True,
         version: tuple[int, int, int] = (7, 2, 0),
+        package: str = "qmpagent-fake",
+        disk: bool = True,
+        block_commands: bool = False,
+        vserport_rate_limit: float = 1.0,
+        job_duration: float = 0.0,
+        max_clients: int | None = None,
     ) -> None:
         self._path = Path(path) if path is not None else None
+        self._slots = asyncio.Semaphore(max_clients) if max_clients is not None else None
+        self._waiting: set[asyncio.StreamWriter] = set()
+        self._closing = False
         self._tcp = tcp
         self._tmpdir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
         self._decoder = json.JSONDecoder()
         self._serve_tasks: set[asyncio.Task[None]] = set()
         self._command_waiters: list[tuple[str, int, asyncio.Future[ReceivedCommand]]] = []
+        self._graph = _Graph()
+        self._block_nodes_override: list[dict[str, Any]] | None = None
+        self._block_devices_override: list[dict[str, Any]] | None = None
+        self._auto_counter = 0
+        self._random = random.Random()
+        self._limits: dict[tuple[str, str], _RateLimit] = {}
         self.version = version
+        self.package = package
+        self.job_duration = job_duration
         self.address: str | tuple[str, int] = ""
         self.handlers: dict[str, Handler] = {}
         self.received: list[ReceivedCommand] = []
@@ -505,14 +905,16 @@ class FakeQMPServer:
             "/machine/peripheral": FakeQOMObject("container"),
             "/machine/peripheral-anon": FakeQOMObject("container"),
         }
-        self.block_devices: list[dict[str, Any]] = []
-        self.block_nodes: list[dict[str, Any]] = []
         self.jobs: dict[str, FakeJob] = {}
+        self.rate_limits: dict[str, float] = {"VSERPORT_CHANGE": vserport_rate_limit}
         self._install_builtin_handlers()
+        if block_commands:
+            self._install_block_handlers()
         if agent_port:
             self.qom["/machine/peripheral/vser0"] = FakeQOMObject("virtio-serial-pci")
             self.add_serial_port("qgaport0", _AGENT_PORT_NAME, "qga0", open=agent_port_open)
-        self.add_disk("disk0", "file0", "/fake/data0.qcow2", "vblk0")
+        if disk:
+            self.add_disk("disk0", "file0", "/fake/data0.qcow2", "vblk0")
 
     def __repr__(self) -> str:
         return f"<FakeQMPServer {self.address!r} connections={len(self.connections)}>"
@@ -537,23 +939,37 @@ class FakeQMPServer:
             self.address = str(self._path)
         log.debug("fake QMP server listening on %r", self.address)
 
+    @property
+    def listening(self) -> bool:
+        """Whether the server accepts connections (started and not closed). Raises nothing."""
+        return self._server is not None
+
     async def close(self) -> None:
         """Stop listening, close every connection, remove the socket (and temp dir).
 
-        Raises nothing.
+        Idempotent. Raises nothing.
         """
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for conn in self.connections:
             conn.close()
+        if self._slots is not None:
+            for writer in list(self._waiting):
+                writer.close()
+                self._slots.release()  # wakes a waiting client up, to be turned away
         for job in self.jobs.values():
             if job._task is not None:
                 job._task.cancel()
+        for limit in self._limits.values():
+            if limit.task is not None:
+                limit.task.cancel()
         tasks = list(self._serve_tasks) + [
             j._task for j in self.jobs.values() if j._task is not None
-        ]
+        ] + [lim.task for lim in self._limits.values() if lim.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._limits.clear()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -577,13 +993,28 @@ class FakeQMPServer:
         await self.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = FakeQMPConnection(self, len(self.connections), reader, writer)
-        self.connections.append(conn)
         task = asyncio.current_task()
         if task is not None:
             self._serve_tasks.add(task)
         try:
-            await conn.serve()
+            if self._slots is not None:
+                # Like QEMU's QMP chardev: the kernel accepts, QEMU serves one client at a
+                # time; the next one gets its greeting when the current one has gone.
+                self._waiting.add(writer)
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._waiting.discard(writer)
+                if self._closing:
+                    writer.close()
+                    return
+            try:
+                conn = FakeQMPConnection(self, len(self.connections), reader, writer)
+                self.connections.append(conn)
+                await conn.serve()
+            finally:
+                if self._slots is not None:
+                    self._slots.release()
         finally:
             if task is not None:
                 self._serve_tasks.discard(task)
@@ -594,7 +1025,7 @@ class FakeQMPServer:
         return {"QMP": {
             "version": {
                 "qemu": {"major": major, "minor": minor, "micro": micro},
-                "package": "qmpagent-fake",
+                "package": self.package,
             },
             "capabilities": ["oob"],
         }}
@@ -654,22 +1085,52 @@ class FakeQMPServer:
         return fault
 
     def delay(self, command: str, seconds: float, *, times: int | None = None) -> Fault:
-        """Answer ``command`` only after ``seconds`` (in-band commands after it wait too).
+        """Answer ``command`` only after ``seconds`` (in-band commands after it wait too); the
+        command takes effect after the delay.
 
         Raises nothing.
         """
         return self.add_fault(command, Fault(FaultKind.DELAY, seconds, times))
 
-    def never_answer(self, command: str, *, times: int | None = None) -> Fault:
-        """Swallow ``command``: record it, never answer it. Raises nothing."""
-        return self.add_fault(command, Fault(FaultKind.NEVER_ANSWER, 0.0, times))
+    def never_answer(
+        self, command: str, *, times: int | None = None, apply: bool = False
+    ) -> Fault:
+        """Swallow ``command``: record it, never answer it. With ``apply`` it takes effect
+        (its reply is lost). Raises nothing."""
+        return self.add_fault(command, Fault(FaultKind.NEVER_ANSWER, 0.0, times, apply=apply))
 
-    def disconnect_on(self, command: str, *, times: int | None = 1) -> Fault:
-        """Close the client's connection when ``command`` arrives (as if QEMU died then).
+    def disconnect_on(
+        self, command: str, *, times: int | None = 1, apply: bool = False
+    ) -> Fault:
+        """Close the client's connection when ``command`` arrives (as if QEMU died then); with
+        ``apply``, after the command took effect (the reply is lost).
 
         Raises nothing.
         """
-        return self.add_fault(command, Fault(FaultKind.DISCONNECT, 0.0, times))
+        return self.add_fault(command, Fault(FaultKind.DISCONNECT, 0.0, times, apply=apply))
+
+    def fail(
+        self,
+        command: str,
+        desc: str = "injected fault",
+        error_class: str = "GenericError",
+        *,
+        times: int | None = 1,
+    ) -> Fault:
+        """Answer ``command`` with an error instead of executing it (e.g. a ``transaction``
+        that QEMU refuses: nothing is applied). Raises nothing."""
+        return self.add_fault(
+            command, Fault(FaultKind.ERROR, times=times, error_class=error_class, desc=desc)
+        )
+
+    def fail_job(self, command: str, desc: str, *, times: int | None = 1) -> Fault:
+        """Let the job started by ``command`` (e.g. ``blockdev-create``) conclude with the
+        error ``desc``, without its effect. Raises nothing."""
+        return self.add_fault(command, Fault(FaultKind.JOB_ERROR, times=times, desc=desc))
+
+    def delay_job(self, command: str, seconds: float, *, times: int | None = 1) -> Fault:
+        """Let the job started by ``command`` run ``seconds`` longer. Raises nothing."""
+        return self.add_fault(command, Fault(FaultKind.JOB_DELAY, seconds, times))
 
     def clear_faults(self, command: str | None = None) -> None:
         """Remove the faults of ``command``, or all faults. Raises nothing."""
@@ -707,14 +1168,69 @@ class FakeQMPServer:
         return [c for c in self.connections if c.negotiated and not c.closed]
 
     async def emit(self, name: str, data: Mapping[str, Any] | None = None) -> None:
-        """Send an event to every negotiated client (returns once it is written).
+        """Send an event to every negotiated client now (returns once it is written), not
+        rate-limited (see :meth:`queue_event` for QEMU's throttling).
+
+        Raises:
+            TypeError: ``data`` is not JSON-serialisable.
+        """
+        await self._send_event(self.make_event(name, data))
+
+    async def _send_event(self, event: Mapping[str, Any]) -> None:
+        for conn in self._live():
+            await conn.send(event)
+
+    async def queue_event(
+        self, name: str, data: Mapping[str, Any] | None = None, *, key: str | None = None
+    ) -> None:
+        """Send an event the way QEMU's monitor does: events listed in :attr:`rate_limits` are
+        throttled per ``key`` (for ``VSERPORT_CHANGE``: the port id): the first one goes out
+        at once, later ones within the period replace each other and only the latest is sent
+        when the period ends, with the timestamp of when it was queued.
 
         Raises:
             TypeError: ``data`` is not JSON-serialisable.
         """
         event = self.make_event(name, data)
-        for conn in self._live():
-            await conn.send(event)
+        period = self.rate_limits.get(name, 0.0)
+        if period <= 0:
+            await self._send_event(event)
+            return
+        if key is None:
+            key = str((data or {}).get("id", ""))
+        state = self._limits.get((name, key))
+        if state is not None:
+            state.pending = event  # the latest wins; sent when the period ends
+            return
+        state = _RateLimit()
+        self._limits[(name, key)] = state
+        await self._send_event(event)
+        state.task = asyncio.ensure_future(self._rate_limit_timer(name, key, state, period))
+
+    async def _rate_limit_timer(self, name: str, key: str, state: _RateLimit, period: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(period)
+                if state.pending is None:
+                    break
+                event, state.pending = state.pending, None
+                await self._send_event(event)
+        finally:
+            if self._limits.get((name, key)) is state:
+                del self._limits[(name, key)]
+
+    async def settle_events(self, timeout: float = 5.0) -> None:
+        """Wait until every throttled event has been sent and every throttle period has
+        passed, so that the next event of the model goes out at once (see :meth:`queue_event`).
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while self._limits:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fake QMP: events still throttled after {timeout}s")
+            await asyncio.sleep(0.01)
 
     async def flood(
         self,
@@ -735,10 +1251,8 @@ class FakeQMPServer:
         """
         for start in range(0, count, batch):
             chunk = b"".join(
-                json.dumps(
-                    self.make_event(name, data(i) if callable(data) else data),
-                    separators=(",", ":"),
-                ).encode() + b"\r\n"
+                qemu_json(self.make_event(name, data(i) if callable(data) else data)).encode()
+                + b"\r\n"
                 for i in range(start, min(start + batch, count))
             )
             for conn in self._live():
@@ -765,7 +1279,8 @@ class FakeQMPServer:
         )
 
     async def set_port_open(self, device_id: str, open: bool, *, emit: bool = True) -> None:
-        """Set whether the guest has port ``device_id`` open; emit ``VSERPORT_CHANGE``.
+        """Set whether the guest has port ``device_id`` open; emit ``VSERPORT_CHANGE``
+        (rate-limited like QEMU: see :meth:`queue_event`).
 
         Raises:
             KeyError: no such port.
@@ -773,30 +1288,452 @@ class FakeQMPServer:
         port = self.qom[f"/machine/peripheral/{device_id}"]
         self.chardevs[port.properties["chardev"]]["frontend-open"] = open
         if emit:
-            await self.emit("VSERPORT_CHANGE", {"id": device_id, "open": open})
+            await self.queue_event("VSERPORT_CHANGE", {"id": device_id, "open": open}, key=device_id)
+
+    def port_open(self, device_id: str) -> bool:
+        """Whether port ``device_id`` is open in the guest (``frontend-open``).
+
+        Raises:
+            KeyError: no such port.
+        """
+        port = self.qom[f"/machine/peripheral/{device_id}"]
+        return bool(self.chardevs[port.properties["chardev"]]["frontend-open"])
+
+    # the model: the block graph ---------------------------------------------------------------
+
+    @property
+    def nodes(self) -> dict[str, FakeBlockNode]:
+        """The block graph: node name -> :class:`FakeBlockNode`, oldest first (QEMU lists them
+        newest first). Change it only through the commands and helpers. Raises nothing."""
+        return self._graph.nodes
+
+    @property
+    def devices(self) -> dict[str, FakeBlockDevice]:
+        """The block devices: qdev id -> :class:`FakeBlockDevice`. Raises nothing."""
+        return self._graph.devices
+
+    @property
+    def block_nodes(self) -> list[dict[str, Any]]:
+        """``query-named-block-nodes`` (flat) entries as QEMU sends them, newest first.
+
+        Computed from :attr:`nodes`; assigning a list makes the query return that list
+        instead (``None`` goes back to the graph). Raises nothing.
+        """
+        if self._block_nodes_override is not None:
+            return self._block_nodes_override
+        return [self.node_info(n, flat=True) for n in reversed(list(self._graph.nodes))]
+
+    @block_nodes.setter
+    def block_nodes(self, value: list[dict[str, Any]] | None) -> None:
+        self._block_nodes_override = value
+
+    @property
+    def block_devices(self) -> list[dict[str, Any]]:
+        """``query-block`` entries as QEMU sends them. Computed from :attr:`devices`; assigning
+        a list makes the query return that list instead. Raises nothing."""
+        if self._block_devices_override is not None:
+            return self._block_devices_override
+        return [self._device_info(d) for d in self._graph.devices.values()]
+
+    @block_devices.setter
+    def block_devices(self, value: list[dict[str, Any]] | None) -> None:
+        self._block_devices_override = value
 
     def add_disk(self, node_name: str, file_node_name: str, filename: str, device_id: str) -> None:
-        """Add a qcow2 node on a file node, attached to virtio-blk device ``device_id``.
+        """Add a qcow2 node on a file node, attached to virtio-blk device ``device_id``, without
+        touching the disk (``filename`` need not exist; 64 MiB virtual size).
 
         Raises nothing.
         """
-        self.block_nodes += [
-            {"node-name": node_name, "drv": "qcow2", "file": filename, "ro": False,
-             "backing_file_depth": 0, "encrypted": False,
-             "image": {"filename": filename, "format": "qcow2", "virtual-size": 67108864}},
-            {"node-name": file_node_name, "drv": "file", "file": filename, "ro": False,
-             "backing_file_depth": 0, "encrypted": False,
-             "image": {"filename": filename, "format": "file", "virtual-size": 393216}},
-        ]
-        self.block_devices.append({
-            "device": "", "qdev": f"/machine/peripheral/{device_id}/virtio-backend",
-            "locked": False, "removable": False, "type": "unknown", "io-status": "ok",
-            "inserted": {"node-name": node_name, "drv": "qcow2", "file": filename,
-                         "ro": False, "backing_file_depth": 0, "encrypted": False},
-        })
+        g = self._graph
+        g.nodes[file_node_name] = FakeBlockNode(file_node_name, "file", filename, virtual_size=393216)
+        g.nodes[node_name] = FakeBlockNode(
+            node_name, "qcow2", filename, file=file_node_name, virtual_size=67108864
+        )
+        self.attach_device(device_id, node_name)
+
+    def attach_device(self, device_id: str, node_name: str) -> FakeBlockDevice:
+        """Attach a virtio-blk device ``device_id`` (``-device virtio-blk-pci,drive=...``) with
+        root node ``node_name``.
+
+        Raises:
+            FakeQMPError: no such node.
+        """
+        self._graph.lookup(node_name)
+        device = FakeBlockDevice(device_id, node_name)
+        self._graph.devices[device_id] = device
         self.qom[f"/machine/peripheral/{device_id}"] = FakeQOMObject(
             "virtio-blk-pci", {"drive": node_name}
         )
+        return device
+
+    def active_node(self, device_id: str) -> str | None:
+        """The root node of block device ``device_id``.
+
+        Raises:
+            KeyError: no such device.
+        """
+        return self._graph.devices[device_id].root
+
+    def blockdev_add(self, options: Mapping[str, Any]) -> FakeBlockNode:
+        """Add a node as ``blockdev-add`` (or ``-blockdev``) does; return it.
+
+        Raises:
+            FakeQMPError: what QEMU would answer.
+        """
+        return self._blockdev_add(dict(options))
+
+    def blockdev_del(self, node_name: str) -> None:
+        """Delete a node as ``blockdev-del`` does.
+
+        Raises:
+            FakeQMPError: what QEMU would answer.
+        """
+        g = self._graph
+        node = g.nodes.get(node_name)
+        if node is None:
+            raise _generic(f"Failed to find node with node-name='{node_name}'")
+        if g.has_device(node_name):
+            raise _generic(f"Node {node_name} is in use")
+        backing_parent = g.backing_parent(node_name)
+        if backing_parent is not None:
+            raise _generic(f"Node '{node_name}' is busy: node is used as backing hd of '{backing_parent}'")
+        if not node.monitor_owned:
+            raise _generic(f"Node {node_name} is not owned by the monitor")
+        if g.parents(node_name):
+            raise _generic(f"Block device {node_name} is in use")
+        self._remove_node(g, node_name)
+
+    @staticmethod
+    def _remove_node(g: _Graph, node_name: str) -> None:
+        node = g.nodes.pop(node_name)
+        for child in (node.file, node.backing):
+            if child is None or child not in g.nodes:
+                continue
+            if not g.nodes[child].monitor_owned and not g.parents(child):
+                FakeQMPServer._remove_node(g, child)
+
+    def snapshot(self, actions: Sequence[Mapping[str, Any]]) -> None:
+        """Apply ``blockdev-snapshot`` actions as one ``transaction``: all or nothing.
+
+        Raises:
+            FakeQMPError: what QEMU would answer (nothing was applied).
+        """
+        work = self._graph.copy()
+        for action in actions:
+            self._blockdev_snapshot(work, action)
+        self._graph = work
+        for device in work.devices.values():
+            obj = self.qom.get(f"/machine/peripheral/{device.device_id}")
+            if obj is not None:
+                obj.properties["drive"] = device.root
+
+    # node info (query-named-block-nodes, query-block) ------------------------------------------
+
+    def _reported_filename(self, node: FakeBlockNode, g: _Graph | None = None) -> str:
+        g = self._graph if g is None else g
+        child = g.nodes.get(node.file) if node.file is not None else None
+        if node.driver == "file":
+            return node.filename
+        simple = child is not None and child.driver == "file" and not (
+            node.backing_null and node.backing is None
+        )
+        if simple and child is not None:
+            return child.filename
+        return "json:" + qemu_json(self._json_options(node, g))
+
+    def _json_options(self, node: FakeBlockNode, g: _Graph) -> dict[str, Any]:
+        if node.driver == "file":
+            return {"driver": "file", "filename": node.filename}
+        options: dict[str, Any] = {}
+        if node.backing_null and node.backing is None:
+            options["backing"] = None
+        options["driver"] = node.driver
+        child = g.nodes.get(node.file) if node.file is not None else None
+        options["file"] = self._json_options(child, g) if child is not None else None
+        return options
+
+    def _image_info(self, node: FakeBlockNode, flat: bool) -> dict[str, Any]:
+        g = self._graph
+        if node.driver == "file":
+            length = _file_length(node.filename)
+            # QEMU reports a protocol node's length in whole 512-byte sectors.
+            size = -(-length // 512) * 512 if length is not None else node.virtual_size
+            actual = _actual_size(node.filename)
+            return {
+                "filename": node.filename, "format": "file", "dirty-flag": False,
+                "actual-size": actual if actual is not None else size, "virtual-size": size,
+            }
+        child = g.nodes.get(node.file) if node.file is not None else None
+        actual = _actual_size(child.filename) if child is not None else None
+        info: dict[str, Any] = {
+            "filename": self._reported_filename(node),
+            "format": node.driver,
+            "dirty-flag": False,
+            "actual-size": actual if actual is not None else 0,
+            "virtual-size": node.virtual_size,
+        }
+        if node.driver == "qcow2":
+            info["cluster-size"] = _CLUSTER
+        if node.header_backing_file:
+            info["backing-filename"] = node.header_backing_file
+            info["full-backing-filename"] = node.header_backing_file
+            if node.header_backing_format:
+                info["backing-filename-format"] = node.header_backing_format
+        if not flat and node.backing is not None and node.backing in g.nodes:
+            info["backing-image"] = self._image_info(g.nodes[node.backing], flat)
+        if node.driver == "qcow2":
+            info["format-specific"] = {"type": "qcow2", "data": {
+                "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": False,
+                "refcount-bits": 16, "corrupt": False, "extended-l2": False,
+            }}
+        return info
+
+    def node_info(self, node_name: str, *, flat: bool = True) -> dict[str, Any]:
+        """The ``query-named-block-nodes`` entry of a node (``BlockDeviceInfo``).
+
+        As in QEMU, ``backing_file_depth`` is 0 and there is no ``backing-image`` when
+        ``flat``.
+
+        Raises:
+            KeyError: no such node.
+        """
+        g = self._graph
+        node = g.nodes[node_name]
+        depth = 0
+        if not flat:
+            cursor = node
+            while cursor.backing is not None and cursor.backing in g.nodes:
+                depth += 1
+                cursor = g.nodes[cursor.backing]
+        info: dict[str, Any] = {
+            "file": self._reported_filename(node),
+            "node-name": node.node_name,
+            "ro": node.read_only,
+            "drv": node.driver,
+        }
+        if node.backing_file:
+            info["backing_file"] = node.backing_file
+        info.update({
+            "backing_file_depth": depth,
+            "encrypted": False,
+            "detect_zeroes": "off",
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+            "image": self._image_info(node, flat),
+            "cache": {"writeback": True, "direct": False, "no-flush": False},
+            "write_threshold": 0,
+        })
+        return info
+
+    def _device_info(self, device: FakeBlockDevice) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "device": "",
+            "qdev": device.qdev,
+            "type": "unknown",
+            "removable": False,
+            "locked": False,
+        }
+        if device.root is not None and device.root in self._graph.nodes:
+            info["inserted"] = self.node_info(device.root, flat=False)
+        info["io-status"] = "ok"
+        return info
+
+    # blockdev-add ---------------------------------------------------------------------------
+
+    def _auto_name(self) -> str:
+        name = f"#block{self._auto_counter}{self._random.randrange(100):02d}"
+        self._auto_counter += 1
+        return name
+
+    def _check_node_name(self, name: str) -> None:
+        if not _NODE_NAME_RE.match(name):
+            raise _generic(f"Invalid node-name: '{name}'")
+        if name in self._graph.nodes:
+            raise _generic(f"Duplicate nodes with node-name='{name}'")
+        if len(name) >= 32:
+            raise _generic("Node name too long")
+
+    @staticmethod
+    def _check_options(options: Mapping[str, Any], allowed: frozenset[str], prefix: str = "") -> None:
+        for key in options:
+            if key not in allowed:
+                raise _generic(f"Parameter '{prefix}{key}' is unexpected")
+
+    def _blockdev_add(self, options: dict[str, Any], *, auto: bool = False) -> FakeBlockNode:
+        driver = options.get("driver")
+        if driver is None:
+            raise _generic("Parameter 'driver' is missing")
+        if not isinstance(driver, str):
+            raise _generic("Invalid parameter type for 'driver', expected: string")
+        if driver not in _QEMU_DRIVERS:
+            raise _generic(f"Parameter 'driver' does not accept value '{driver}'")
+        if driver not in _DRIVER_OPTIONS:
+            raise _generic(f"fake QMP: block driver '{driver}' is not modelled")
+        self._check_options(options, _COMMON_OPTIONS | _DRIVER_OPTIONS[driver])
+        read_only = options.get("read-only", False)
+        if not isinstance(read_only, bool):
+            raise _generic("Invalid parameter type for 'read-only', expected: boolean")
+        name = options.get("node-name")
+        named = name is not None
+        if name is None:
+            if not auto:
+                raise _generic("'node-name' must be specified for the root node")
+            name = self._auto_name()
+        elif not isinstance(name, str):
+            raise _generic("Invalid parameter type for 'node-name', expected: string")
+        if driver == "file":
+            return self._add_file_node(options, name, read_only, auto, named)
+        return self._add_format_node(options, driver, name, read_only, auto, named)
+
+    def _add_file_node(
+        self, options: Mapping[str, Any], name: str, read_only: bool, auto: bool, named: bool
+    ) -> FakeBlockNode:
+        filename = options.get("filename")
+        if filename is None:
+            raise _generic("Parameter 'filename' is missing")
+        if not isinstance(filename, str):
+            raise _generic("Invalid parameter type for 'filename', expected: string")
+        if named:
+            self._check_node_name(name)
+        try:
+            fd = os.open(filename, os.O_RDONLY if read_only else os.O_RDWR)
+        except OSError as exc:
+            raise _generic(f"Could not open '{filename}': {_strerror(exc)}") from None
+        os.close(fd)
+        node = FakeBlockNode(name, "file", filename, read_only=read_only, auto_named=not named,
+                             monitor_owned=not auto)
+        self._graph.nodes[name] = node
+        return node
+
+    def _add_format_node(
+        self, options: Mapping[str, Any], driver: str, name: str, read_only: bool, auto: bool,
+        named: bool,
+    ) -> FakeBlockNode:
+        g = self._graph
+        file_ref = options.get("file")
+        if file_ref is None:
+            raise _generic("Parameter 'file' is missing")
+        if named:
+            self._check_node_name(name)
+        created_child = False
+        if isinstance(file_ref, str):
+            child = g.lookup(file_ref)
+        elif isinstance(file_ref, dict):
+            child = self._blockdev_add(dict(file_ref), auto=True)
+            created_child = True
+        else:
+            raise _generic("Invalid parameter type for 'file', expected: BlockdevRef")
+        try:
+            if not read_only:
+                for parent, role in g.parents(child.node_name):
+                    if role == "file" and not g.nodes[parent].read_only:
+                        raise _generic(
+                            f"Permission conflict on node '{child.node_name}': permissions "
+                            f"'write, resize' are both required by node '{parent}' (uses node "
+                            f"'{child.node_name}' as 'file' child) and unshared by node "
+                            f"'{name}' (uses node '{child.node_name}' as 'file' child)."
+                        )
+            node = FakeBlockNode(name, driver, child.filename, file=child.node_name,
+                                 read_only=read_only, auto_named=not named, monitor_owned=not auto)
+            if driver == "raw":
+                length = _file_length(child.filename)
+                node.virtual_size = length if length is not None else child.virtual_size
+                g.nodes[name] = node
+                return node
+            try:
+                header = read_qcow2_header(child.filename)
+            except OSError as exc:
+                raise _generic(f"Could not read image: {_strerror(exc)}") from None
+            except ValueError as exc:
+                raise _generic(str(exc)) from None
+            node.virtual_size = header.size
+            node.header_backing_file = header.backing_file
+            node.header_backing_format = header.backing_format
+            backing = options.get("backing", ...)
+            g.nodes[name] = node
+            try:
+                if backing is None:
+                    node.backing_null = True
+                elif isinstance(backing, str):
+                    target = g.lookup(backing)
+                    node.backing = target.node_name
+                    node.backing_file = self._reported_filename(target)
+                elif backing is ... and header.backing_file:
+                    node.backing = self._open_backing(header.backing_file, header.backing_format)
+                    node.backing_file = header.backing_file
+                elif backing is not ...:
+                    raise _generic("fake QMP: only a node name or null is modelled for 'backing'")
+            except BaseException:
+                g.nodes.pop(name, None)
+                raise
+            return node
+        except BaseException:
+            if created_child:
+                g.nodes.pop(child.node_name, None)
+            raise
+
+    def _open_backing(self, filename: str, fmt: str | None) -> str:
+        """Open a backing chain from an image's header, as QEMU does (auto-named, read-only)."""
+        for other in self._graph.nodes.values():
+            if (
+                other.driver == "file" and other.filename == filename and not other.read_only
+                and self._graph.parents(other.node_name)
+            ):
+                raise _generic('Could not open backing file: Failed to get shared "write" lock')
+        try:
+            node = self._blockdev_add(
+                {"driver": fmt or "qcow2", "read-only": True,
+                 "file": {"driver": "file", "filename": filename, "read-only": True}},
+                auto=True,
+            )
+        except FakeQMPError as exc:
+            raise _generic(f"Could not open backing file: {exc.desc}") from None
+        return node.node_name
+
+    # transaction ------------------------------------------------------------------------------
+
+    def _blockdev_snapshot(self, g: _Graph, action: Mapping[str, Any]) -> None:
+        kind = action.get("type")
+        if kind is None:
+            raise _generic("Parameter 'type' is missing")
+        if kind == "abort":
+            raise _generic("Transaction aborted using Abort action")
+        if kind != "blockdev-snapshot":
+            raise _generic(f"fake QMP: transaction action '{kind}' is not modelled")
+        data = action.get("data")
+        if not isinstance(data, dict):
+            raise _generic("Parameter 'data' is missing")
+        for key in ("node", "overlay"):
+            if key not in data:
+                raise _generic(f"Parameter 'data.{key}' is missing")
+            if not isinstance(data[key], str):
+                raise _generic(f"Invalid parameter type for 'data.{key}', expected: string")
+        old = g.lookup(data["node"])
+        parent = g.backing_parent(old.node_name)
+        if parent is not None:
+            raise _generic(f"Node '{old.node_name}' is busy: node is used as backing hd of '{parent}'")
+        new = g.lookup(data["overlay"])
+        if g.parents(new.node_name):
+            raise _generic("The overlay is already in use")
+        if new.backing is not None:
+            raise _generic("The overlay already has a backing image")
+        if new.driver != "qcow2":
+            raise _generic("The overlay does not support backing images")
+        # bdrv_append(): every parent of the old node now uses the overlay, whose backing
+        # node the old one becomes (reopened read-only).
+        for device in g.devices.values():
+            if device.root == old.node_name:
+                device.root = new.node_name
+        for node in g.nodes.values():
+            if node is new:
+                continue
+            if node.file == old.node_name:
+                node.file = new.node_name
+            if node.backing == old.node_name:
+                node.backing = new.node_name
+        new.backing = old.node_name
+        new.backing_file = self._reported_filename(old, g)
+        old.read_only = True
 
     # jobs -------------------------------------------------------------------------------------
 
@@ -809,15 +1746,16 @@ class FakeQMPServer:
         error: str | None = None,
     ) -> None:
         """Make ``command`` start a job (named by its ``job-id`` argument) like
-        ``blockdev-create``: ``created`` -> ``running`` -> (``duration`` seconds; ``None``:
-        until cancelled) -> ``waiting`` -> ``pending`` -> ``aborting`` on error or
-        cancellation -> ``concluded``; it stays until ``job-dismiss``.
+        ``blockdev-create``: ``created`` -> ``running`` (both before the command's reply, as
+        in QEMU) -> (``duration`` seconds; ``None``: until cancelled) -> ``waiting`` ->
+        ``pending`` -> ``aborting`` on error or cancellation -> ``concluded``; it stays until
+        ``job-dismiss``. :meth:`fail_job` and :meth:`delay_job` apply.
 
         Raises nothing.
         """
-        def handler(call: FakeCall) -> dict[str, Any]:
+        async def handler(call: FakeCall) -> dict[str, Any]:
             job_id = call.arg("job-id", str)
-            self.start_job(job_id, job_type, duration=duration, error=error)
+            await self._start_announced_job(call, job_id, job_type, duration, error, None)
             return {}
 
         self.set_handler(command, handler)
@@ -831,32 +1769,64 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: a job with this id exists.
         """
+        job = self._new_job(job_id, job_type, duration, error, None)
+        job._task = asyncio.ensure_future(self._run_job(job, announce=True))
+        return job
+
+    def _new_job(
+        self, job_id: str, job_type: str, duration: float | None, error: str | None,
+        work: JobWork | None,
+    ) -> FakeJob:
         if job_id in self.jobs:
             raise FakeQMPError("GenericError", f"Job ID '{job_id}' already in use")
         job = FakeJob(job_id, job_type, error=error, duration=duration)
+        job._work = work
         self.jobs[job_id] = job
-        job._task = asyncio.ensure_future(self._run_job(job))
+        return job
+
+    async def _start_announced_job(
+        self, call: FakeCall, job_id: str, job_type: str, duration: float | None,
+        error: str | None, work: JobWork | None,
+    ) -> FakeJob:
+        fault = call.fault
+        if fault is not None and fault.kind is FaultKind.JOB_ERROR:
+            error, work = fault.desc, None
+        if fault is not None and fault.kind is FaultKind.JOB_DELAY and duration is not None:
+            duration += fault.seconds
+        job = self._new_job(job_id, job_type, duration, error, work)
+        await self._set_job_status(job, "created")
+        await self._set_job_status(job, "running")
+        job._task = asyncio.ensure_future(self._run_job(job, announce=False))
         return job
 
     async def _set_job_status(self, job: FakeJob, status: str) -> None:
         job.status = status
         await self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": status})
 
-    async def _run_job(self, job: FakeJob) -> None:
+    async def _run_job(self, job: FakeJob, *, announce: bool) -> None:
         await asyncio.sleep(0)  # the command's reply goes out first
-        await self._set_job_status(job, "created")
-        await self._set_job_status(job, "running")
+        if announce:
+            await self._set_job_status(job, "created")
+            await self._set_job_status(job, "running")
         try:
             await asyncio.wait_for(job._cancelled.wait(), job.duration)
             job.error = "Operation cancelled"
         except asyncio.TimeoutError:
             pass
+        if job.error is None and job._work is not None:
+            try:
+                job.error = job._work()
+            except Exception as exc:  # a broken job: conclude with its error, and log it
+                log.exception("fake QMP job %s failed", job.id)
+                job.error = f"fake job failed: {exc!r}"
         if job.error is not None:
             await self._set_job_status(job, "aborting")
         else:
             await self._set_job_status(job, "waiting")
             await self._set_job_status(job, "pending")
         await self._set_job_status(job, "concluded")
+
+    # built-in handlers ------------------------------------------------------------------------
 
     def _install_builtin_handlers(self) -> None:
         h = self.handlers
@@ -878,19 +1848,24 @@ class FakeQMPServer:
             return {}
 
         def query_status(call: FakeCall) -> dict[str, Any]:
-            return {"status": self.status, "singlestep": False,
-                    "running": self.status == "running"}
+            _no_arguments(call)
+            return {"running": self.status == "running", "singlestep": False,
+                    "status": self.status}
 
         def query_version(call: FakeCall) -> dict[str, Any]:
+            _no_arguments(call)
             major, minor, micro = self.version
             return {"qemu": {"major": major, "minor": minor, "micro": micro},
-                    "package": "qmpagent-fake"}
+                    "package": self.package}
 
         def query_commands(call: FakeCall) -> list[dict[str, str]]:
             return [{"name": name} for name in sorted(self.handlers)]
 
         def query_chardev(call: FakeCall) -> list[dict[str, Any]]:
-            return [{"label": label, **info} for label, info in self.chardevs.items()]
+            _no_arguments(call)
+            return [{"label": label, "filename": info.get("filename", ""),
+                     "frontend-open": info.get("frontend-open", False)}
+                    for label, info in self.chardevs.items()]
 
         def qom_list(call: FakeCall) -> list[dict[str, str]]:
             path = call.arg("path", str).rstrip("/") or "/"
@@ -919,11 +1894,15 @@ class FakeQMPServer:
             return obj.properties[prop]
 
         def query_block(call: FakeCall) -> list[dict[str, Any]]:
+            _no_arguments(call)
             return list(self.block_devices)
 
         def query_named_block_nodes(call: FakeCall) -> list[dict[str, Any]]:
-            call.arg("flat", bool, False)
-            return list(self.block_nodes)
+            _no_arguments(call, "flat")
+            flat = call.arg("flat", bool, False)
+            if self._block_nodes_override is not None:
+                return list(self._block_nodes_override)
+            return [self.node_info(n, flat=flat) for n in reversed(list(self._graph.nodes))]
 
         def query_jobs(call: FakeCall) -> list[dict[str, Any]]:
             return [job.info() for job in self.jobs.values()]
@@ -932,7 +1911,7 @@ class FakeQMPServer:
             job_id = call.arg("id", str)
             job = self.jobs.get(job_id)
             if job is None:
-                raise FakeQMPError("GenericError", f"Job not found: '{job_id}'")
+                raise FakeQMPError("GenericError", "Job not found")
             return job
 
         def job_cancel(call: FakeCall) -> dict[str, Any]:
@@ -982,4 +1961,134 @@ class FakeQMPServer:
             "stop": stop,
             "cont": cont,
         })
+
+    def _install_block_handlers(self) -> None:
+        def blockdev_add(call: FakeCall) -> dict[str, Any]:
+            self._blockdev_add(dict(call.arguments))
+            return {}
+
+        def blockdev_del(call: FakeCall) -> dict[str, Any]:
+            _no_arguments(call, "node-name")
+            name = _string_arg(call, "node-name")
+            self.blockdev_del(name)
+            return {}
+
+        def transaction(call: FakeCall) -> dict[str, Any]:
+            _no_arguments(call, "actions", "properties")
+            actions = call.arguments.get("actions")
+            if actions is None:
+                raise _generic("Parameter 'actions' is missing")
+            if not isinstance(actions, list):
+                raise _generic("Invalid parameter type for 'actions', expected: array")
+            for i, action in enumerate(actions):
+                if not isinstance(action, dict):
+                    raise _generic(f"Invalid parameter type for 'actions[{i}]', expected: object")
+            self.snapshot(actions)
+            return {}
+
+        async def blockdev_create(call: FakeCall) -> dict[str, Any]:
+            _no_arguments(call, "job-id", "options")
+            job_id = _string_arg(call, "job-id")
+            options = call.arguments.get("options")
+            if options is None:
+                raise _generic("Parameter 'options' is missing")
+            if not isinstance(options, dict):
+                raise _generic("Invalid parameter type for 'options', expected: object")
+            work = self._create_work(options)
+            if job_id in self.jobs:
+                raise _generic(f"Job ID '{job_id}' already in use")
+            await self._start_announced_job(call, job_id, "create", self.job_duration, None, work)
+            return {}
+
+        self.handlers.update({
+            "blockdev-add": blockdev_add,
+            "blockdev-del": blockdev_del,
+            "transaction": transaction,
+            "blockdev-create": blockdev_create,
+        })
+
+    def _create_work(self, options: Mapping[str, Any]) -> JobWork:
+        """Check ``blockdev-create`` options like QEMU's QAPI layer; return the job's work."""
+        driver = options.get("driver")
+        if driver is None:
+            raise _generic("Parameter 'options.driver' is missing")
+        if not isinstance(driver, str):
+            raise _generic("Invalid parameter type for 'options.driver', expected: string")
+        if driver not in _QEMU_DRIVERS:
+            raise _generic(f"Parameter 'options.driver' does not accept value '{driver}'")
+        allowed = _CREATE_OPTIONS.get(driver, frozenset({"driver"}))
+        self._check_options(options, allowed, "options.")
+        if driver not in _CREATE_OPTIONS:
+            raise _generic("Driver does not support blockdev-create")
+        size = options.get("size")
+        if size is None:
+            raise _generic("Parameter 'options.size' is missing")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _generic("Invalid parameter type for 'options.size', expected: integer")
+        if driver == "file":
+            filename = options.get("filename")
+            if filename is None:
+                raise _generic("Parameter 'options.filename' is missing")
+            if not isinstance(filename, str):
+                raise _generic("Invalid parameter type for 'options.filename', expected: string")
+            return lambda: _create_file(filename, size)
+        file_ref = options.get("file")
+        if file_ref is None:
+            raise _generic("Parameter 'options.file' is missing")
+        if not isinstance(file_ref, str):
+            raise _generic("fake QMP: only a node name is modelled for 'options.file'")
+        backing_file = options.get("backing-file")
+        backing_fmt = options.get("backing-fmt")
+        for key, value in (("backing-file", backing_file), ("backing-fmt", backing_fmt)):
+            if value is not None and not isinstance(value, str):
+                raise _generic(f"Invalid parameter type for 'options.{key}', expected: string")
+
+        def work() -> str | None:
+            node = self._graph.nodes.get(file_ref)
+            if node is None:
+                return f"Cannot find device='{file_ref}' nor node-name='{file_ref}'"
+            if node.driver != "file":
+                return f"fake QMP: node '{file_ref}' is not a file node"
+            if size % 512:
+                return "Image size must be a multiple of 512 bytes"
+            try:
+                create_qcow2_image(node.filename, size, backing_file=backing_file,
+                                   backing_format=backing_fmt)
+            except OSError as exc:
+                return f"Could not write qcow2 header: {_strerror(exc)}"
+            return None
+
+        return work
+
+
+def _create_file(filename: str, size: int) -> str | None:
+    """``blockdev-create`` driver ``file``: create (or truncate) the file, like QEMU."""
+    try:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        return f"Could not create '{filename}': {_strerror(exc)}"
+    try:
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        return f"Could not resize file: {_strerror(exc)}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _no_arguments(call: FakeCall, *allowed: str) -> None:
+    """Refuse unexpected arguments like QEMU's QAPI input visitor."""
+    for key in call.arguments:
+        if key not in allowed:
+            raise _generic(f"Parameter '{key}' is unexpected")
+
+
+def _string_arg(call: FakeCall, name: str) -> str:
+    if name not in call.arguments:
+        raise _generic(f"Parameter '{name}' is missing")
+    value = call.arguments[name]
+    if not isinstance(value, str):
+        raise _generic(f"Invalid parameter type for '{name}', expected: string")
+    return value
 
