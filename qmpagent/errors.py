@@ -177,7 +177,9 @@ class SnapshotRecord:
         overlays_removed: overlay node names this operation detached again.
         files_created: overlay image files this operation created.
         files_removed: overlay image files this operation removed again.
-        snapshot_taken: whether the ``transaction`` was committed.
+        snapshot_taken: whether the ``transaction`` was committed: True, False, or None when
+            its outcome could not be learned (QEMU stopped answering after it was sent): then
+            the VM may run on the overlays, which were left in place.
     """
 
     phase: str = "preflight"
@@ -188,7 +190,7 @@ class SnapshotRecord:
     overlays_removed: list[str] = field(default_factory=list)
     files_created: list[str] = field(default_factory=list)
     files_removed: list[str] = field(default_factory=list)
-    snapshot_taken: bool = False
+    snapshot_taken: bool | None = False
 
 
 class SnapshotError(QMPAgentError):

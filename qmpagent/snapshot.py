@@ -47,6 +47,7 @@ from .errors import (
     AgentError,
     MonitorError,
     MonitorTimeout,
+    MonitorUnavailable,
     QMPAgentError,
     SnapshotError,
     SnapshotRecord,
@@ -122,6 +123,9 @@ class SnapshotResult:
         files: block node name -> the new overlay's file.
         timings: per-phase durations.
         freeze_resolved: a freeze whose reply was lost was found (by its status) to be ours.
+        warnings: things the caller should know although the snapshot succeeded, e.g. that
+            the freeze froze fewer filesystems than the guest has (another tool may have frozen
+            one, and qemu-ga's thaw thaws every frozen filesystem, that one included).
     """
 
     quiesced: bool
@@ -134,6 +138,7 @@ class SnapshotResult:
     files: dict[str, str] = field(default_factory=dict)
     timings: PhaseTimings = field(default_factory=PhaseTimings)
     freeze_resolved: bool = False
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -274,6 +279,8 @@ class _Operation:
         self.window: float | None = None
         self.vm_running = False
         self.owns_freeze = False
+        self.warnings: list[str] = []
+        self.filesystems: int | None = None  # what guest-get-fsinfo lists, if it answers
         self.thaw_done = False
         self.thawed_at: float | None = None
         self.transaction_sent = False
@@ -311,6 +318,7 @@ class _Operation:
             files={o.node: o.path for o in self.overlays},
             timings=PhaseTimings(**self.times),
             freeze_resolved=self.freeze_resolved,
+            warnings=tuple(self.warnings),
         )
 
     @contextlib.contextmanager
@@ -437,6 +445,13 @@ class _Operation:
         disabled = [c for c in FREEZE_COMMANDS if not info.is_enabled(c)]
         if disabled:
             raise _Unquiescable(f"the guest agent has {', '.join(disabled)} disabled")
+        if info.is_enabled("guest-get-fsinfo"):
+            # To notice a freeze that freezes fewer filesystems than there are (see _freeze).
+            try:
+                fsinfo = await self.agent.get_fsinfo(timeout=t)
+                self.filesystems = len({fs.get("mountpoint") for fs in fsinfo})
+            except AgentError as exc:
+                log.info("guest-get-fsinfo failed (%s); freeze counts are not cross-checked", exc)
 
     # --- prepare --------------------------------------------------------------------------
 
@@ -538,6 +553,14 @@ class _Operation:
             self._no_freeze("the freeze froze no filesystems (none, or frozen by another tool)")
             return
         self._own_freeze(n)
+        if self.filesystems is not None and n < self.filesystems:
+            # qemu-ga skips a filesystem that is already frozen (EBUSY) without a word, and its
+            # thaw thaws every frozen filesystem: nothing can keep ours from thawing it too.
+            self.warnings.append(
+                f"the freeze froze {n} of the guest's {self.filesystems} filesystems: the others "
+                "may be frozen by another tool in the guest, and qemu-ga's thaw thaws them too"
+            )
+            log.warning("%s", self.warnings[-1])
 
     def _own_freeze(self, count: int | None) -> None:
         """Record that this operation froze the guest (``count`` None: a lost reply resolved
@@ -594,10 +617,21 @@ class _Operation:
         try:
             await self.mon.execute("transaction", {"actions": actions}, timeout=timeout)
         except MonitorTimeout as exc:
-            if frozen_at is None:
-                raise self._fail(f"the transaction got no answer: {exc}", exc) from exc
-            await self._window_exceeded(exc)
-            return
+            if frozen_at is not None:
+                await self._window_exceeded(exc)
+                return
+            # Nothing of ours is frozen: take the time to find out what QEMU did.
+            if await self._transaction_applied():
+                self.record.snapshot_taken = True
+                return
+            raise self._fail(f"the transaction got no answer and was not applied: {exc}", exc) from exc
+        except MonitorUnavailable as exc:
+            self.record.snapshot_taken = None
+            raise self._fail(
+                "the connection to QEMU was lost after the transaction was sent: the outcome is "
+                "unknown (the VM may run on the overlays or on its original images)",
+                exc,
+            ) from exc
         except MonitorError as exc:
             raise self._fail(f"the transaction failed: {exc}", exc) from exc
         self.record.snapshot_taken = True
@@ -627,19 +661,24 @@ class _Operation:
         await self._transaction(self.orch.command_timeout, None)
 
     async def _transaction_applied(self) -> bool:
+        """Whether a transaction whose reply was not seen was applied. QMP runs commands in
+        order, so the query is answered after it. Raises SnapshotError (outcome unknown,
+        ``record.snapshot_taken`` None) if QEMU cannot tell us."""
         try:
             with anyio.fail_after(self.orch.command_timeout):
                 nodes = {n.node_name: n for n in await self.mon.named_block_nodes()}
         except (TimeoutError, MonitorError) as exc:
+            self.record.snapshot_taken = None
             raise self._fail(
-                "the transaction timed out and its outcome cannot be read: the VM may run on "
-                "the overlays or on its original images",
+                "the transaction got no answer and its outcome cannot be read: the VM may run "
+                "on the overlays or on its original images",
                 exc,
             ) from exc
-        # The transaction is atomic: the first overlay tells for all. An attached overlay has a
-        # backing chain (it was added with backing: null).
+        # The transaction is atomic: the first overlay tells for all. It was added with
+        # backing: null, so it reports a backing file only once blockdev-snapshot attached it.
+        # (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
         ov = nodes.get(self.overlays[0].node_name)
-        return ov is not None and bool(ov.raw.get("backing_file_depth", 0))
+        return ov is not None and ov.backing_file is not None
 
     async def _thaw(self) -> None:
         """Thaw our freeze: shielded from cancellation, bounded by thaw_timeout, resyncing and
@@ -654,9 +693,8 @@ class _Operation:
         with anyio.CancelScope(shield=True):
             deadline = time.monotonic() + self.orch.thaw_timeout
             while time.monotonic() < deadline:
-                remaining = max(0.1, deadline - time.monotonic())
                 try:
-                    n = await agent.fsfreeze_thaw(timeout=remaining)
+                    n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
                     self.thawed_at = time.monotonic()
                     self.thawed = n
                     self.record.thawed = n
@@ -669,10 +707,12 @@ class _Operation:
                     log.warning("thaw failed: %s", exc)
                 # Did it thaw anyway (a lost reply)? The status decides.
                 try:
-                    remaining = max(0.1, deadline - time.monotonic())
-                    status = await agent.fsfreeze_status(timeout=remaining)
+                    status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
                     if status is FreezeStatus.THAWED:
+                        # The thaw went through; its count was lost with the reply: it thawed
+                        # (at least) what we froze.
                         self.thawed_at = time.monotonic()
+                        self.thawed = self.record.thawed = self.frozen
                         log.warning("thaw reply lost, but the guest is thawed")
                         return
                 except AgentError as exc:
@@ -688,6 +728,12 @@ class _Operation:
             "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)",
             self.record,
         ) from last
+
+    def _attempt_timeout(self, deadline: float) -> float:
+        """One thaw or status attempt may take the agent timeout, or half of what is left of
+        the thaw budget if that is longer, but leaves time to check and retry."""
+        remaining = deadline - time.monotonic()
+        return max(0.1, min(remaining, max(self.orch.agent_timeout, remaining / 2)))
 
     async def _reconnect_agent(self) -> GuestAgent | None:
         address = self.orch._agent_address
@@ -716,12 +762,12 @@ class _Operation:
 
     async def _undo(self) -> None:
         with anyio.CancelScope(shield=True):
-            if self.transaction_sent and not self.record.snapshot_taken:
+            if self.transaction_sent and self.record.snapshot_taken is False:
                 # E.g. cancelled while the transaction was in flight: QEMU may have applied it.
                 with contextlib.suppress(SnapshotError):
                     self.record.snapshot_taken = await self._transaction_applied()
-            if self.record.snapshot_taken:
-                return  # the overlays are the VM's active layers now
+            if self.record.snapshot_taken is not False:
+                return  # the overlays are the VM's active layers now, or may be
             with anyio.move_on_after(self.orch.command_timeout * 2):
                 for ov in reversed(self.overlays):
                     await self._remove_overlay(ov)

@@ -326,3 +326,17 @@ async def test_native_cancel_during_a_slow_thaw_waits_for_the_thaw(qemu_guest: G
             await task
         assert fake.frozen_mountpoints == []
         assert fake.total_thawed >= 1
+
+
+async def test_partial_foreign_freeze_is_reported(qemu_guest_factory: Any) -> None:
+    """Another tool froze one of two filesystems: our freeze counts 1 of 2. qemu-ga's thaw will
+    thaw that one too (nothing can prevent it), and the result says so."""
+    async with qemu_guest_factory(second_disk=True) as guest, connected(guest) as (mon, ga):
+        await guest.run("fsfreeze --freeze /mnt/data2")
+        result = await SnapshotOrchestrator(mon, agent=ga).snapshot(
+            {"vblk0": str(guest.workdir / "s.qcow2")}
+        )
+        assert result.quiesced and result.frozen == 1
+        assert any("froze 1 of the guest's 2 filesystems" in w for w in result.warnings)
+        # The limitation itself, as observed: the other tool's freeze is gone.
+        assert (await guest.run("fsfreeze --unfreeze /mnt/data2", check=False)).returncode != 0
