@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from agent_golden import ALLOWED_WHILE_FROZEN, FROZEN, info_golden
 
 from qmpagent.testing.fake_agent import (
     AgentFault,
@@ -109,7 +110,6 @@ def err(desc: str, error_class: str = "GenericError") -> bytes:
     return f'{{"error": {{"class": "{error_class}", "desc": "{desc}"}}}}\n'.encode()
 
 
-FROZEN = "has been disabled: the agent is in frozen state"
 BAD_ID = err("Invalid parameter type for 'id', expected: integer")
 
 # ------------------------------------------------------------------------------------ lifecycle
@@ -376,46 +376,13 @@ async def test_id_echo_format(client: Client, request_id: bytes, echoed: bytes) 
     assert reply == b'{"return": {}, "id": ' + echoed + b"}\n"
 
 
-def _info_golden(enabled: Any) -> bytes:
-    """guest-info of the real qemu-ga 7.2.22, built independently of the fake's encoder."""
-    names = [
-        "get-cpustats", "get-diskstats", "ssh-remove-authorized-keys", "ssh-add-authorized-keys",
-        "ssh-get-authorized-keys", "get-devices", "get-osinfo", "get-timezone", "get-users",
-        "get-host-name", "exec", "exec-status", "get-memory-block-info", "set-memory-blocks",
-        "get-memory-blocks", "set-user-password", "get-fsinfo", "get-disks", "set-vcpus",
-        "get-vcpus", "network-get-interfaces", "suspend-hybrid", "suspend-ram", "suspend-disk",
-        "fstrim", "fsfreeze-thaw", "fsfreeze-freeze-list", "fsfreeze-freeze", "fsfreeze-status",
-        "file-flush", "file-seek", "file-write", "file-read", "file-close", "file-open",
-        "shutdown", "info", "set-time", "get-time", "ping", "sync", "sync-delimited",
-    ]
-    items = []
-    for short in names:
-        name = "guest-" + short
-        no_response = short.startswith("suspend-") or short == "shutdown"
-        items.append(
-            f'{{"enabled": {json.dumps(enabled(name))}, "name": "{name}", '
-            f'"success-response": {json.dumps(not no_response)}}}'
-        )
-    return (
-        '{"return": {"version": "7.2.22", "supported_commands": [' + ", ".join(items) + "]}}\n"
-    ).encode()
-
-
-ALLOWED_WHILE_FROZEN = {
-    "guest-ping",
-    "guest-info",
-    "guest-sync",
-    "guest-sync-delimited",
-    "guest-fsfreeze-status",
-    "guest-fsfreeze-thaw",
-}
 
 
 async def test_guest_info_thawed_and_frozen(agent: FakeAgent, client: Client) -> None:
-    thawed = _info_golden(lambda name: name != "guest-get-devices")
+    thawed = info_golden(lambda name: name != "guest-get-devices")
     assert await client.request('{"execute":"guest-info"}') == thawed
     assert await client.request('{"execute":"guest-fsfreeze-freeze"}') == b'{"return": 2}\n'
-    frozen = _info_golden(lambda name: name in ALLOWED_WHILE_FROZEN)
+    frozen = info_golden(lambda name: name in ALLOWED_WHILE_FROZEN)
     assert await client.request('{"execute":"guest-info"}') == frozen
     assert await client.request('{"execute":"guest-fsfreeze-thaw"}') == b'{"return": 2}\n'
     assert await client.request('{"execute":"guest-info"}') == thawed
