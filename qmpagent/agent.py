@@ -63,6 +63,15 @@ NO_REPLY_COMMANDS: Final = frozenset(
 )
 
 _READ_CHUNK: Final = 256 * 1024
+
+#: Commands whose replies are small by nature: a reply to them longer than this is an error
+#: (a hostile guest cannot make the client parse megabytes of JSON for a ping).
+_SMALL_REPLY_COMMANDS: Final = frozenset(
+    {"guest-ping", "guest-sync", "guest-fsfreeze-status", "guest-fsfreeze-freeze",
+     "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw", "guest-file-open", "guest-file-close",
+     "guest-exec", "guest-get-host-name", "guest-get-time"}
+)
+_SMALL_REPLY_SIZE: Final = 64 * 1024
 _FILE_READ_CHUNK: Final = 1024 * 1024
 
 
@@ -242,6 +251,11 @@ class GuestAgent:
         self._closed = False
         #: Syncs performed on this connection (the first one on connect included).
         self.syncs = 0
+        #: Commands handed to the transport so far (syncs not counted), and the last one. A
+        #: command counted here reaches the agent even if its caller gave up: what tells "timed
+        #: out before sending" from "sent, reply lost".
+        self.requests_written = 0
+        self.last_written: str | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -311,9 +325,13 @@ class GuestAgent:
         self._closed = True
         self._conn.receive_eof()
         self._writer.close()
-        with anyio.move_on_after(2, shield=True):
+        with anyio.move_on_after(2, shield=True) as scope:
             with contextlib.suppress(OSError, RuntimeError):
                 await self._writer.wait_closed()
+        if scope.cancelled_caught:
+            # The guest stopped reading: drop what is still queued (it could be a freeze we
+            # gave up on) rather than let the transport deliver it later.
+            self._writer.transport.abort()
 
     @property
     def is_connected(self) -> bool:
@@ -330,9 +348,13 @@ class GuestAgent:
     def _timeout(self, timeout: Timeout) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes, command: str | None = None) -> None:
         try:
             self._writer.write(data)
+            if command is not None:
+                # Handed to the transport: it goes out even if we are cancelled in drain().
+                self.requests_written += 1
+                self.last_written = command
             await self._writer.drain()
         except (OSError, RuntimeError) as exc:
             self._conn.receive_eof()
@@ -363,7 +385,10 @@ class GuestAgent:
     async def _exchange(self, command: str, arguments: dict[str, Any] | None) -> Any:
         if not self._conn.in_sync:
             await self._sync_locked()
-        await self._send(self._conn.send_command(command, arguments))
+        limit = self._conn.max_reply_size
+        if command in _SMALL_REPLY_COMMANDS:
+            limit = min(limit, _SMALL_REPLY_SIZE)
+        await self._send(self._conn.send_command(command, arguments, max_reply_size=limit), command)
         event = await self._next_event()
         if isinstance(event, Reply):
             return event.value
@@ -412,6 +437,8 @@ class GuestAgent:
             AgentProtocolError: the reply is malformed or too large.
             AgentUnavailable: the connection is closed or was lost.
         """
+        if not isinstance(command, str):
+            raise UsageError("command must be a string")
         if command in NO_REPLY_COMMANDS:
             await self.execute_no_reply(command, arguments, timeout=timeout)
             return None
@@ -438,7 +465,8 @@ class GuestAgent:
                         if not self._conn.in_sync:
                             await self._sync_locked()
                         await self._send(
-                            self._conn.send_command(command, arguments, expect_reply=False)
+                            self._conn.send_command(command, arguments, expect_reply=False),
+                            command,
                         )
                     except BaseException:
                         self._conn.abandon()
@@ -512,7 +540,11 @@ class GuestAgent:
         if mountpoints is None:
             value = await self._call("guest-fsfreeze-freeze", None, timeout)
             return _count("guest-fsfreeze-freeze", value)
-        if isinstance(mountpoints, str) or not all(isinstance(m, str) for m in mountpoints):
+        if (
+            isinstance(mountpoints, str)
+            or not isinstance(mountpoints, Sequence)
+            or not all(isinstance(m, str) for m in mountpoints)
+        ):
             raise UsageError("mountpoints must be a sequence of strings")
         value = await self._call(
             "guest-fsfreeze-freeze-list", {"mountpoints": list(mountpoints)}, timeout
@@ -539,6 +571,7 @@ class GuestAgent:
         value = _expect("guest-get-fsinfo", await self._call("guest-get-fsinfo", None, timeout), list)
         for entry in value:
             _expect("guest-get-fsinfo", entry, dict)
+            _expect("guest-get-fsinfo mountpoint", entry.get("mountpoint"), str)
         return list(value)
 
     async def shutdown(self, mode: str = "powerdown", timeout: Timeout = USE_CLIENT_DEFAULT) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import secrets
 from collections import deque
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ _DELIM_BYTES: Final = b"\xff"
 
 #: Longest reply line accepted, in bytes (``guest-file-read`` of 4 MiB is ~5.6 MB of base64).
 DEFAULT_MAX_REPLY_SIZE: Final = 10 * 1024 * 1024
+
+_BLANK_LINES: Final = re.compile(rb"[ \t\r]*\n(?:[ \t\r]*\n)*")
 
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
@@ -193,6 +196,7 @@ class AgentConnection:
         self._delimited = False
         self._sync_id = 0
         self._command = ""
+        self._reply_limit = max_reply_size
         self._request_id = 0
         self._events: deque[Event | BaseException] = deque()
         #: Complete lines dropped as stale or unsolicited (for diagnostics and tests).
@@ -233,13 +237,20 @@ class AgentConnection:
         return _DELIM_BYTES + json.dumps(request, separators=(",", ":")).encode() + b"\n"
 
     def send_command(
-        self, command: str, arguments: dict[str, Any] | None = None, *, expect_reply: bool = True
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        expect_reply: bool = True,
+        max_reply_size: int | None = None,
     ) -> bytes:
         """Encode a command; returns the bytes to send.
 
         Args:
             command: the agent command, e.g. ``"guest-ping"``.
             arguments: its arguments (a JSON object), if any.
+            max_reply_size: a smaller limit for this reply than the connection's (for
+                commands whose replies are small by nature).
             expect_reply: False for commands that send no reply on success
                 (``guest-shutdown``, ``guest-suspend-*``): nothing is awaited, and the
                 connection is DESYNCED (an error reply may come later) unless request ids are
@@ -268,6 +279,7 @@ class AgentConnection:
             raise UsageError(f"arguments of {command!r} are not JSON: {exc}") from exc
         if expect_reply:
             self._command = command
+            self._reply_limit = min(max_reply_size or self.max_reply_size, self.max_reply_size)
             self._state = State.AWAITING_REPLY
         elif not self.request_ids:
             self._desync()
@@ -291,22 +303,30 @@ class AgentConnection:
             return
         view = memoryview(data)
         pos, end = 0, len(data)
+        # The next 0xFF at or after pos (-1: none left). Found once and reused until passed, so
+        # a chunk of many short lines is scanned once, not once per line.
+        ff = data.find(_DELIM_BYTES)
         while pos < end:
+            if 0 <= ff < pos:
+                ff = data.find(_DELIM_BYTES, pos)
             st = self._state
             if st is State.DESYNCED:
                 return  # nothing is expected: everything is stale
             if st is State.SYNCING and not self._delimited:
-                idx = data.find(_DELIM_BYTES, pos)
-                if idx < 0:
+                if ff < 0:
                     return
-                pos = idx + 1
+                pos = ff + 1
                 self._delimited = True
                 self._line.clear()
                 self._skipping = False
                 continue
             # Line mode (IDLE, AWAITING_REPLY, SYNCING after the delimiter).
+            if not self._line and not self._skipping:
+                blank = _BLANK_LINES.match(data, pos)
+                if blank is not None:  # skip a run of empty lines at C speed
+                    pos = blank.end()
+                    continue
             nl = data.find(b"\n", pos)
-            ff = data.find(_DELIM_BYTES, pos)
             if ff >= 0 and (nl < 0 or ff < nl):
                 # A 0xFF never occurs inside valid UTF-8 JSON: it starts a new (delimited) line,
                 # and whatever preceded it on this line is dropped.
@@ -317,7 +337,7 @@ class AgentConnection:
                 continue
             stop = nl if nl >= 0 else end
             if not self._skipping:
-                if len(self._line) + (stop - pos) > self.max_reply_size:
+                if len(self._line) + (stop - pos) > self._line_limit():
                     self._oversized()
                 else:
                     self._line += view[pos:stop]
@@ -376,12 +396,15 @@ class AgentConnection:
         self._line.clear()
         self._skipping = False
 
+    def _line_limit(self) -> int:
+        return self._reply_limit if self._state is State.AWAITING_REPLY else self.max_reply_size
+
     def _oversized(self) -> None:
         self._line.clear()
         if self._state is State.AWAITING_REPLY:
             self._fail(
                 f"reply to {self._command!r} exceeds the maximum reply size "
-                f"({self.max_reply_size} bytes)"
+                f"({self._reply_limit} bytes)"
             )
         elif self._state is State.SYNCING:
             self._delimited = False  # not our sync reply: look for the next delimiter

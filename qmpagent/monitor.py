@@ -56,7 +56,6 @@ from qemu.qmp import (
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
-from ._shield import run_to_completion
 from .errors import (
     AgentUnavailable,
     EventOverflow,
@@ -96,6 +95,9 @@ DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 DEFAULT_COMMAND_TIMEOUT: Final = 30.0
 #: The default bound of an :class:`EventStream`'s queue, in events.
 DEFAULT_EVENT_QUEUE_SIZE: Final = 1024
+
+# How long close() waits for qemu.qmp's disconnect (which flushes what is still queued).
+_CLOSE_TIMEOUT: Final = 5.0
 
 # How often waits for the agent port re-read query-chardev when no VSERPORT_CHANGE arrives
 # (the event is rate-limited and coalesced by QEMU, and not sent at all for ports without an id).
@@ -472,8 +474,16 @@ class EventStream:
 
     def _push(self, msg: Message) -> None:
         event = _to_event(msg)
-        if self._predicate is not None and not self._predicate(event):
-            return
+        if self._predicate is not None:
+            try:
+                wanted = self._predicate(event)
+            except Exception as exc:
+                # A caller's predicate runs in qemu.qmp's reader task: if it raised there it
+                # would drop the whole connection. It ends this stream instead.
+                self._fail(f"the event filter of {self!r} raised {exc!r}", exc)
+                return
+            if not wanted:
+                return
         items = self._items
         if self._queued >= self._maxsize:
             self._dropped += 1
@@ -819,9 +829,11 @@ class Monitor:
             self._fail_streams("the monitor was closed")
         reap = self._start_reap()
         try:
-            # To the end even if the caller is cancelled (again): a half-closed client would
-            # leave its exceptions unretrieved.
-            await run_to_completion(reap)
+            # The disconnect runs in a task of its own, which a cancellation of the caller does
+            # not touch (a half-cancelled qemu.qmp disconnect leaves exceptions unretrieved):
+            # the caller just stops waiting. Bounded too: a hung QEMU that stops reading would
+            # keep qemu.qmp's disconnect flushing forever.
+            await self._wait_reaped(reap)
         finally:
             self._deadlines.close()
             if not self._watcher.done():
@@ -839,6 +851,14 @@ class Monitor:
         log.warning("QMP connection %s lost (QEMU exited or closed the socket)", self._name)
         self._fail_streams("the QMP connection was lost (QEMU exited or closed the socket)")
         await asyncio.shield(self._start_reap())
+
+    async def _wait_reaped(self, reap: asyncio.Task[None]) -> None:
+        done, _ = await asyncio.wait({reap}, timeout=_CLOSE_TIMEOUT)
+        if not done:
+            log.warning(
+                "QMP connection %s: QEMU did not let the connection close within %gs; "
+                "abandoned", self._name, _CLOSE_TIMEOUT,
+            )
 
     def _start_reap(self) -> asyncio.Task[None]:
         if self._reap_task is None:

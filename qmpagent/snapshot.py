@@ -34,7 +34,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -45,6 +45,7 @@ from .agent import AgentAddress, FreezeStatus, GuestAgent
 from .errors import (
     AgentCommandError,
     AgentError,
+    MonitorCommandError,
     MonitorError,
     MonitorTimeout,
     MonitorUnavailable,
@@ -197,6 +198,9 @@ class SnapshotOrchestrator:
         self.command_timeout = command_timeout
         self.job_timeout = job_timeout
         self.agent_chardev = agent_chardev
+        # One snapshot at a time through this orchestrator: two interleaved freeze/thaw
+        # sequences on one guest would thaw each other's freeze.
+        self._busy = asyncio.Lock()
 
     @property
     def has_agent(self) -> bool:
@@ -229,18 +233,39 @@ class SnapshotOrchestrator:
 
         Raises:
             UsageError: bad arguments (unknown quiesce mode, empty ``disks``, an existing file).
+
+        Concurrent calls on one orchestrator run one after the other.
             SnapshotError: no snapshot was taken, or (``quiesce="required"``) it could not be
                 quiesced; ``.record`` says what was done and undone.
             ThawError: this operation froze the guest and could not thaw it: THE GUEST MAY STILL
                 BE FROZEN.
         """
         mode = _quiesce_mode(quiesce)
+        if isinstance(freeze_timeout, bool) or not isinstance(freeze_timeout, (int, float)):
+            raise UsageError("freeze_timeout must be a number of seconds")
         if not freeze_timeout > 0:
             raise UsageError("freeze_timeout must be positive")
-        if not disks:
-            raise UsageError("no disks to snapshot")
-        op = _Operation(self, mode, freeze_timeout, on_phase)
-        return await op.run({str(k): os.fspath(v) for k, v in disks.items()})
+        if not isinstance(disks, Mapping) or not disks:
+            raise UsageError("disks must be a non-empty mapping of node name to overlay path")
+        for key, path in disks.items():
+            if not isinstance(key, str) or not isinstance(path, (str, os.PathLike)):
+                raise UsageError(f"bad disk entry {key!r}: {path!r} (expected str: path)")
+        async with self._busy:
+            op = _Operation(self, mode, freeze_timeout, on_phase)
+            return await op.run({str(k): os.fspath(v) for k, v in disks.items()})
+
+
+async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any, Any, None]) -> None:
+    """Run a clean-up step to completion while ``failure`` propagates. If that failure is a
+    ThawError, nothing that happens meanwhile (a late cancellation, a timeout of the caller)
+    may replace it: the caller must learn that the guest may still be frozen."""
+    try:
+        await run_to_completion(step)
+    except BaseException as late:
+        if isinstance(failure, ThawError):
+            log.warning("ignored during clean-up after a failed thaw: %r", late)
+            return
+        raise
 
 
 def _quiesce_mode(value: Quiesce | str) -> Quiesce:
@@ -279,6 +304,9 @@ class _Operation:
         self.window: float | None = None
         self.vm_running = False
         self.owns_freeze = False
+        # A freeze that was sent but whose outcome is not known yet (the error that hid it).
+        self.freeze_unresolved: BaseException | None = None
+        self.frozen_at: float | None = None
         self.warnings: list[str] = []
         self.filesystems: int | None = None  # what guest-get-fsinfo lists, if it answers
         self.thaw_done = False
@@ -300,11 +328,11 @@ class _Operation:
                 await self._prepare()
             await self._freeze_snapshot_thaw()
         except BaseException as exc:
-            await self._cleanup(exc)
+            await _keeping_thaw_error(exc, self._cleanup(exc))
             raise
         finally:
             if self.own_agent and self.agent is not None:
-                await run_to_completion(self.agent.close())
+                await _keeping_thaw_error(sys.exc_info()[1], self.agent.close())
         self.times["total"] = time.monotonic() - started
         quiesced = self.owner is not None
         return SnapshotResult(
@@ -372,8 +400,10 @@ class _Operation:
             if node not in nodes:
                 try:
                     node = await self.mon.device_node_name(key)
-                except QMPAgentError as exc:
+                except MonitorCommandError as exc:
                     raise UsageError(f"no block node or device named {key!r}") from exc
+                except MonitorError as exc:
+                    raise self._fail(f"preflight: cannot resolve device {key!r}: {exc}", exc) from exc
             base = nodes.get(node)
             if base is None:
                 raise UsageError(f"no block node named {node!r}")
@@ -466,7 +496,11 @@ class _Operation:
                 raise res
 
     async def _prepare_one(self, ov: _Overlay) -> None:
+        # Each step is marked as (maybe) done *before* it is sent: a reply that is lost or a
+        # caller that gives up must not hide a file or a node from the cleanup, which checks
+        # what really exists before it removes anything.
         mon, jt, ct = self.mon, self.orch.job_timeout, self.orch.command_timeout
+        ov.file_created = True  # preflight saw no file there: whatever is there now is ours
         await mon.run_job(
             "blockdev-create",
             {
@@ -475,14 +509,13 @@ class _Operation:
             },
             timeout=jt,
         )
-        ov.file_created = True
         self.record.files_created.append(ov.path)
+        ov.file_node_added = True
         await mon.execute(
             "blockdev-add",
             {"driver": "file", "filename": ov.path, "node-name": ov.file_node_name},
             timeout=ct,
         )
-        ov.file_node_added = True
         options: dict[str, Any] = {
             "driver": "qcow2",
             "file": ov.file_node_name,
@@ -494,59 +527,89 @@ class _Operation:
         await mon.run_job(
             "blockdev-create", {"job-id": f"{ov.node_name}-cq", "options": options}, timeout=jt
         )
+        ov.node_added = True
         await mon.execute(
             "blockdev-add",
             {"driver": "qcow2", "node-name": ov.node_name, "file": ov.file_node_name, "backing": None},
             timeout=ct,
         )
-        ov.node_added = True
         self.record.overlays_added.append(ov.node_name)
 
     # --- the window -----------------------------------------------------------------------
 
     async def _freeze_snapshot_thaw(self) -> None:
-        frozen_at = time.monotonic()
         try:
+            if self.agent is not None and self.owner is None and self.reason is None:
+                # Port state again, right before the freeze: prepare may have taken a while.
+                await self._check_port_still_open()
             if self.agent is not None and self.owner is None and self.reason is None:
                 with self._phase("freeze"):
                     await self._freeze()
-            frozen_at = time.monotonic()
-            budget = self.freeze_timeout if self.owns_freeze else self.orch.command_timeout
             with self._phase("transaction"):
-                await self._transaction(budget, frozen_at if self.owns_freeze else None)
+                if self.owns_freeze:
+                    assert self.frozen_at is not None
+                    await self._transaction(self.freeze_timeout, self.frozen_at)
+                else:
+                    await self._transaction(self.orch.command_timeout, None)
         finally:
+            # Whatever happened above (an error, the deadline, the caller cancelled, once or
+            # more): a freeze that was sent and not yet known to be ours or not is resolved
+            # now, and ours is thawed. Both run to completion.
+            if self.freeze_unresolved is not None:
+                await run_to_completion(self._resolve_and_own(self.freeze_unresolved))
             if self.owns_freeze:
                 with self._phase("thaw"):
                     await run_to_completion(self._thaw())
-                if self.thawed_at is not None:
-                    self.window = self.thawed_at - frozen_at
+                if self.thawed_at is not None and self.frozen_at is not None:
+                    self.window = self.thawed_at - self.frozen_at
+
+    async def _check_port_still_open(self) -> None:
+        try:
+            port_open = await self.mon.agent_port_open(self.orch.agent_chardev)
+        except (AgentError, MonitorError) as exc:
+            self._no_freeze(f"cannot read the agent port state before the freeze: {exc}", exc)
+            return
+        if not port_open:
+            self._no_freeze("the guest agent's port closed before the freeze (agent stopped)")
 
     async def _freeze(self) -> None:
-        """Freeze; sets ``owns_freeze`` as soon as this operation owns a freeze to thaw."""
+        """Freeze; sets ``owns_freeze`` as soon as this operation owns a freeze to thaw, and
+        ``freeze_unresolved`` while a freeze was sent but its outcome is not known."""
         assert self.agent is not None
-        t = self.orch.agent_timeout
+        agent = self.agent
+        written_before = agent.requests_written
+        sent_at = time.monotonic()
         try:
-            n = await self.agent.fsfreeze_freeze(timeout=t)
+            n = await agent.fsfreeze_freeze(timeout=self.orch.agent_timeout)
         except AgentCommandError as exc:
             # The agent answered: it thaws by itself when a freeze fails part-way, and a
             # CommandNotFound here means someone froze it since preflight. Not ours either way.
             self._no_freeze(f"the freeze failed: {exc}", exc)
             return
-        except AgentError as exc:
-            # Invariant 5: a timeout, a lost connection or garbage instead of the reply: the
-            # freeze may or may not have happened. Resolve it.
-            if await self._resolve_lost_freeze(exc):
-                self._own_freeze(None)
-            else:
-                self._no_freeze(f"the freeze got no reply ({exc}) and did not freeze", exc)
-            return
         except BaseException as exc:
-            # Cancelled while the freeze was in flight: it may have frozen the guest. Find out
-            # (to completion, whatever else is cancelled) before the cancellation goes on, so
-            # that the thaw on the way out knows whether it is ours to send.
-            if await run_to_completion(self._resolve_lost_freeze(exc)):
-                self._own_freeze(None)
+            sent = agent.requests_written > written_before and agent.last_written in (
+                "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list"
+            )
+            if not sent:
+                # Timed out or cancelled before the request left (waiting for the channel):
+                # nothing of ours can be frozen, and a frozen status would be somebody else's.
+                if isinstance(exc, AgentError):
+                    self._no_freeze(f"the freeze could not be sent: {exc}", exc)
+                    return
+                raise
+            # Invariant 5: a timeout, a lost connection, garbage instead of the reply, or the
+            # caller cancelled while the freeze was in flight: it may or may not have frozen
+            # the guest. Note it first (the finally resolves it whatever comes next), then
+            # resolve it now; a cancellation goes on once it is resolved.
+            self.frozen_at = sent_at  # if ours, frozen since about then: the window counts it
+            self.freeze_unresolved = exc
+            await run_to_completion(self._resolve_and_own(exc))
+            if isinstance(exc, AgentError):
+                if not self.owns_freeze:
+                    self._no_freeze(f"the freeze got no reply ({exc}) and did not freeze", exc)
+                return
             raise
+        self.frozen_at = time.monotonic()
         if n == 0:
             # Invariant 1: a freeze that froze nothing is not ours (another tool may hold a
             # freeze the agent would otherwise thaw on our behalf).
@@ -579,6 +642,17 @@ class _Operation:
         if self.mode is Quiesce.REQUIRED:
             raise self._fail(f"quiesce required but not possible: {reason}", cause)
 
+    async def _resolve_and_own(self, exc: BaseException) -> None:
+        """Resolve a freeze that was sent but not answered, and record the answer in this
+        same step, so that no cancellation between the two can lose it."""
+        if self.freeze_unresolved is None:
+            return  # resolved already
+        try:
+            if await self._resolve_lost_freeze(exc):
+                self._own_freeze(None)
+        finally:
+            self.freeze_unresolved = None
+
     async def _resolve_lost_freeze(self, exc: BaseException) -> bool:
         """After a freeze with no reply: resync and read the status. True if frozen (ours, since
         it was thawed at preflight). If the status cannot be read at all, the guest may be
@@ -588,10 +662,9 @@ class _Operation:
         last: BaseException = exc
         pause = 0.05
         while time.monotonic() < deadline:
-            remaining = max(0.1, deadline - time.monotonic())
             try:
                 # Resyncs first: the late freeze reply, if any, is dropped as stale.
-                status = await self.agent.fsfreeze_status(timeout=min(remaining, self.orch.agent_timeout))
+                status = await self.agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
             except AgentError as e:
                 last = e
                 if not self.agent.is_connected and await self._reconnect_agent() is None:
@@ -612,7 +685,12 @@ class _Operation:
             {"type": "blockdev-snapshot", "data": {"node": o.node, "overlay": o.node_name}}
             for o in self.overlays
         ]
-        timeout = budget if frozen_at is None else max(0.0, frozen_at + budget - time.monotonic())
+        timeout = budget if frozen_at is None else frozen_at + budget - time.monotonic()
+        if timeout <= 0:
+            # Frozen longer than allowed already (a lost freeze reply waited for): no
+            # transaction inside this window.
+            await self._window_exceeded(None)
+            return
         self.transaction_sent = True
         try:
             await self.mon.execute("transaction", {"actions": actions}, timeout=timeout)
@@ -636,13 +714,14 @@ class _Operation:
             raise self._fail(f"the transaction failed: {exc}", exc) from exc
         self.record.snapshot_taken = True
 
-    async def _window_exceeded(self, exc: MonitorTimeout) -> None:
-        """The transaction did not complete within ``freeze_timeout``: thaw now, then find out
-        whether it was applied (QMP runs commands in order, so a query answers after it)."""
+    async def _window_exceeded(self, exc: MonitorTimeout | None) -> None:
+        """The transaction did not complete within ``freeze_timeout`` (``exc``), or there was
+        no time left to send it (None): thaw now, then find out whether a sent transaction was
+        applied (QMP runs commands in order, so a query answers after it)."""
         self.reason = f"the freeze window exceeded freeze_timeout ({self.freeze_timeout:g}s)"
         with self._phase("thaw"):
             await run_to_completion(self._thaw())
-        applied = await self._transaction_applied()
+        applied = exc is not None and await self._transaction_applied()
         if applied:
             self.record.snapshot_taken = True
             # The snapshot exists but may have been taken after the thaw.
@@ -739,6 +818,12 @@ class _Operation:
         address = self.orch._agent_address
         if address is None:
             return None
+        # Invariant 2 holds for a reconnect too: never write to a port nobody reads.
+        try:
+            if not await self.mon.agent_port_open(self.orch.agent_chardev):
+                return None
+        except (AgentError, MonitorError):
+            return None
         with contextlib.suppress(AgentError):
             agent = await GuestAgent.connect(address, timeout=self.orch.agent_timeout)
             if self.own_agent and self.agent is not None:
@@ -769,26 +854,38 @@ class _Operation:
             if self.record.snapshot_taken is not False:
                 return  # the overlays are the VM's active layers now, or may be
             with anyio.move_on_after(self.orch.command_timeout * 2):
+                try:
+                    existing: set[str] | None = {n.node_name for n in await self.mon.named_block_nodes()}
+                except MonitorError as exc:
+                    log.warning("cleanup: cannot list the block nodes (%s)", exc)
+                    existing = None
                 for ov in reversed(self.overlays):
-                    await self._remove_overlay(ov)
+                    await self._remove_overlay(ov, existing)
 
-    async def _remove_overlay(self, ov: _Overlay) -> None:
+    async def _remove_overlay(self, ov: _Overlay, existing: set[str] | None) -> None:
+        """Detach the overlay's nodes that exist, then remove its file, but only once no node
+        of ours can hold it open (``existing``: the node names QEMU has, None if unknown)."""
         t = self.orch.command_timeout
         for added, name in ((ov.node_added, ov.node_name), (ov.file_node_added, ov.file_node_name)):
-            if not added:
-                continue
+            if not added or (existing is not None and name not in existing):
+                continue  # never sent, or sent and not applied
+            if name == ov.node_name and name not in self.record.overlays_added:
+                self.record.overlays_added.append(name)  # its reply was lost, but it is there
             try:
                 await self.mon.execute("blockdev-del", {"node-name": name}, timeout=t)
             except MonitorError as exc:
                 log.warning("cleanup: blockdev-del %s failed: %s", name, exc)
-                return  # the file is still open in QEMU: leave it
+                return  # the file may still be open in QEMU: leave it
             if name == ov.node_name:
                 self.record.overlays_removed.append(name)
         if ov.file_created:
             try:
                 os.unlink(ov.path)
-                self.record.files_removed.append(ov.path)
             except FileNotFoundError:
-                self.record.files_removed.append(ov.path)
+                return  # the job never made it
             except OSError as exc:
                 log.warning("cleanup: cannot remove %s: %s", ov.path, exc)
+                return
+            if ov.path not in self.record.files_created:
+                self.record.files_created.append(ov.path)
+            self.record.files_removed.append(ov.path)
