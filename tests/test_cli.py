@@ -13,11 +13,11 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_run import one_line, qmpagent, start
 
 from qmpagent import (
     AgentCommandError,
@@ -44,44 +44,6 @@ from qmpagent.testing.fake_qmp import FakeQMPServer
 from qmpagent.testing.image import GuestBuildError
 
 # --- running the command in a subprocess ---------------------------------------------------------
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def __str__(self) -> str:
-        return f"exit {self.rc}\nstdout: {self.out!r}\nstderr: {self.err!r}"
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("QMPAGENT_")}
-
-
-async def start(*args: object, **kwargs: Any) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qmpagent", *map(str, args),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=kwargs.pop("env", _env()), **kwargs,
-    )
-
-
-async def qmpagent(*args: object, stdin: bytes = b"", timeout: float = 60.0, **kwargs: Any) -> Run:
-    proc = await start(*args, **kwargs)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
-
-
-def one_line(text: str) -> str:
-    lines = text.strip("\n").split("\n")
-    assert len(lines) == 1, f"expected one line, got {text!r}"
-    return lines[0]
 
 
 # --- parser and addresses ------------------------------------------------------------------------

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
+from cli_run import Run, one_line, qmpagent, start
 
 from qmpagent import GuestAgent
 from qmpagent.testing import Guest
@@ -24,41 +21,6 @@ pytestmark = pytest.mark.real_vm
 
 OK, USAGE, AGENT_UNAVAILABLE, QMP_UNAVAILABLE, TIMEOUT, COMMAND_ERROR = 0, 2, 3, 4, 5, 6
 SNAPSHOT_FAILED, THAW_FAILED = 7, 8
-
-
-@dataclass
-class Run:
-    rc: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def __str__(self) -> str:
-        return f"exit {self.rc}\nstdout: {self.out!r}\nstderr: {self.err!r}"
-
-
-async def start(*args: object, **kwargs: Any) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMPAGENT_")}
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qmpagent", *map(str, args),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env, **kwargs,
-    )
-
-
-async def qmpagent(*args: object, stdin: bytes = b"", timeout: float = 120.0, **kwargs: Any) -> Run:
-    proc = await start(*args, **kwargs)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
-
-
-def one_line(text: str) -> str:
-    lines = text.strip("\n").split("\n")
-    assert len(lines) == 1, f"expected one line, got {text!r}"
-    return lines[0]
 
 
 async def toggle_agent_while(guest: Guest, running: Callable[[], bool], limit: float = 90.0) -> None:
