@@ -85,6 +85,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from ..monitor import AGENT_PORT_NAME
 from .fake_agent import qemu_json
 
 __all__ = [
@@ -107,7 +108,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _JSON_WS: Final = " \t\r\n"
-_AGENT_PORT_NAME: Final = "org.qemu.guest_agent.0"
 
 
 class FakeQMPError(Exception):
@@ -912,7 +912,7 @@ class FakeQMPServer:
             self._install_block_handlers()
         if agent_port:
             self.qom["/machine/peripheral/vser0"] = FakeQOMObject("virtio-serial-pci")
-            self.add_serial_port("qgaport0", _AGENT_PORT_NAME, "qga0", open=agent_port_open)
+            self.add_serial_port("qgaport0", AGENT_PORT_NAME, "qga0", open=agent_port_open)
         if disk:
             self.add_disk("disk0", "file0", "/fake/data0.qcow2", "vblk0")
 
