@@ -13,13 +13,14 @@ for p in "${PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
     echo "setup: installing Debian packages: ${missing[*]}" >&2
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    # As root, apt-get runs as it is; otherwise through sudo (keeping the environment below).
+    as_root=()
+    [ "$(id -u)" -eq 0 ] || as_root=(sudo -E)
     export DEBIAN_FRONTEND=noninteractive
     # The kernel is only used to boot the test guest: skip building a host initramfs for it.
     export INITRD=No
-    $SUDO -E apt-get update -qq
-    $SUDO -E apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    "${as_root[@]}" apt-get update -qq
+    "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
