@@ -689,10 +689,11 @@ async def _demo(args: argparse.Namespace) -> int:
 async def _build_guest(args: argparse.Namespace) -> int:
     from .testing.image import build_guest_image
 
-    image = await anyio.to_thread.run_sync(build_guest_image)
+    image = await anyio.to_thread.run_sync(lambda: build_guest_image(peer=args.peer))
     if args.json:
         _emit_json({"directory": str(image.directory), "kernel": str(image.kernel),
-                    "initrd": str(image.initrd), "kernel_version": image.kernel_version})
+                    "initrd": str(image.initrd), "kernel_version": image.kernel_version,
+                    "peer": image.peer})
     else:
         _out(str(image.directory))
     return ExitCode.OK
@@ -965,12 +966,16 @@ def _add_demo(sub: Any) -> None:
     build = sub.add_parser(
         "build-guest",
         help="build (or find in the cache) the test guest the demo and the tests boot",
-        description=_wrap("Build the minimal test guest (kernel, initramfs with busybox and the "
-        "host's qemu-ga, ext4 data disks) from the host's Debian packages into the cache "
+        description=_wrap("Build the minimal test guest (kernel, initramfs with busybox and "
+        "qemu-ga, ext4 data disks) from a peer's Debian packages into the cache "
         "($QMPAGENT_GUEST_CACHE or ~/.cache/qmpagent/guest) and print its directory. Fast when "
-        "the inputs are unchanged."),
+        "the inputs are unchanged. The peer 'host' is this machine's own packages; 'debian13' "
+        "is a Debian 13 root (QEMU 10.0, qemu-ga 10.0) provisioned with debootstrap on first use "
+        "(as root, about a minute)."),
         formatter_class=_Formatter,
     )
+    build.add_argument("--peer", choices=("host", "debian13"), default=None,
+                       help="whose QEMU, qemu-ga and kernel (default: $QMPAGENT_PEER, else host)")
     _common_options(build)
     build.set_defaults(func=_build_guest, parser=build)
 

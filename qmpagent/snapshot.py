@@ -1,6 +1,6 @@
 """``SnapshotOrchestrator``: atomic, application-consistent external snapshots.
 
-The order, and why (DESIGN.md section 2):
+The order, and why (docs/design.md section 2):
 
 1. **Preflight**, before anything is changed: the VM is running; the block nodes exist; and,
    unless ``quiesce="off"``, the agent's virtio-serial port is open in the guest (QMP

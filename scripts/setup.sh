@@ -1,27 +1,19 @@
 #!/usr/bin/env bash
-# Idempotent set-up on Debian 12 (as root, or with sudo): the Debian packages the test guest is
-# built from, a virtualenv with qmpagent installed editable (with its test tools), and the guest.
-# The second run only checks and returns in a few seconds.
+# Idempotent set-up on Debian 12 or 13 (as root, or with sudo): the Debian packages the test
+# guest is built from, a virtualenv with qmpagent installed editable (with its test tools), and
+# the guest. The second run only checks and returns in a few seconds.
+#
+# QMPAGENT_PEER=debian13 also provisions (once, about a minute) the Debian 13 root whose QEMU
+# 10.0 and qemu-ga 10.0 the guest then uses; QMPAGENT_SETUP_APT=always runs the package install
+# step even when nothing is missing (CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static linux-image-amd64 e2fsprogs)
-
-missing=()
-for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    echo "setup: installing Debian packages: ${missing[*]}" >&2
-    # As root, apt-get runs as it is; otherwise through sudo (keeping the environment below).
-    as_root=()
-    [ "$(id -u)" -eq 0 ] || as_root=(sudo -E)
-    export DEBIAN_FRONTEND=noninteractive
-    # The kernel is only used to boot the test guest: skip building a host initramfs for it.
-    export INITRD=No
-    "${as_root[@]}" apt-get update -qq
-    "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ "${QMPAGENT_PEER:-host}" = debian13 ]; then
+    PACKAGES+=(debootstrap)
 fi
+bash scripts/install-packages.sh "${PACKAGES[@]}"
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
@@ -35,5 +27,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-# Build (or find in the cache) the test guest.
+# Build (or find in the cache) the test guest of the chosen peer ($QMPAGENT_PEER, default host).
 .venv/bin/qmpagent build-guest >/dev/null

@@ -1,10 +1,13 @@
 """Conformance: the same scenarios against the fakes (FakeVM) and the real peers (QEMU 7.2 + qemu-ga
-7.2 in the test guest), asserting the same observable bytes, replies and errors.
+7.2 of Debian 12, QEMU 10.0 + qemu-ga 10.0 of Debian 13, in the test guest), asserting the same
+observable bytes, replies and errors.
 
-Each scenario is parametrized over ``peer`` (``fake`` and ``real``) and compares what it sees
-with the expected values written here (captured from the real peers; paths, pids, handles,
-timestamps and random names normalised). A fake that drifts from the real peer fails here in
-CI, and so does a real peer that changes (then update the expectation, and the fake).
+Each scenario is parametrized over ``peer``: the fakes answering like each real version
+(``fake-7.2``, ``fake-10.0``) and the real guest of the peer under test (``real``, chosen by
+``$QMPAGENT_PEER``; CI runs both). It compares what it sees with the expected values written
+here for that version (captured from the real peers; paths, pids, handles, timestamps and random
+names normalised). A fake that drifts from the real peer fails here in CI, and so does a real
+peer that changes (then update the expectation, and the fake).
 
 The real guest is booted once for the module (two data disks) and shared by the scenarios,
 which leave it as they found it except for what they say; the last one shuts it down. No
@@ -25,7 +28,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from agent_golden import ALLOWED_WHILE_FROZEN, FROZEN, info_golden
+from agent_golden import ALLOWED_WHILE_FROZEN, FROZEN_BY_VERSION, info_golden
 
 from qmpagent import (
     AgentCommandError,
@@ -41,7 +44,8 @@ from qmpagent.testing.pytest_plugin import require_guest_image
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PEERS = ["fake", pytest.param("real", marks=pytest.mark.real_vm)]
+PEERS = ["fake-7.2", "fake-10.0", pytest.param("real", marks=pytest.mark.real_vm)]
+FAKE_PEER = {"7.2": "debian12", "10.0": "debian13"}  # FakeVM(peer=...) by version
 TIMEOUT = 60.0  # generous: the real guest runs under TCG on a loaded machine
 MOUNTS = ["/mnt/data", "/mnt/data2"]
 
@@ -62,8 +66,17 @@ class Peer:
     freeze_foreign: Callable[[str], Awaitable[None]]
     foreign_frozen: Callable[[str], Awaitable[bool]]
     settle_events: Callable[[], Awaitable[None]]
+    version: str = "7.2"  # the real QEMU and qemu-ga version ("7.2", "10.0") it answers like
     dead: bool = False  # a scenario ended the VM
 
+    def expect(self, **by_version: Any) -> Any:
+        """The expected value for this peer's version: ``expect(v7_2=..., v10_0=...)``."""
+        return by_version["v" + self.version.replace(".", "_")]
+
+    @property
+    def frozen(self) -> str:
+        """The reason text of a command refused while frozen."""
+        return FROZEN_BY_VERSION[self.version]
     def norm(self, text: str) -> str:
         """Replace what differs between peers: the working directory, QEMU's node numbers."""
         text = text.replace(str(self.workdir), "<W>")
@@ -71,8 +84,8 @@ class Peer:
 
 
 @contextlib.asynccontextmanager
-async def fake_peer(**options: Any) -> AsyncIterator[Peer]:
-    async with FakeVM(disks=2, **options) as vm:
+async def fake_peer(version: str, **options: Any) -> AsyncIterator[Peer]:
+    async with FakeVM(disks=2, peer=FAKE_PEER[version], **options) as vm:
 
         async def freeze_foreign(mountpoint: str) -> None:
             vm.agent.freeze_foreign(mountpoint)
@@ -82,7 +95,7 @@ async def fake_peer(**options: Any) -> AsyncIterator[Peer]:
 
         yield Peer("fake", str(vm.qmp_address), str(vm.agent_address), vm.workdir,
                    vm.stop_agent, vm.start_agent, freeze_foreign, foreign_frozen,
-                   vm.qmp.settle_events)
+                   vm.qmp.settle_events, version)
 
 
 @contextlib.asynccontextmanager
@@ -115,14 +128,17 @@ async def real_peer() -> AsyncIterator[Peer]:
             # take longer than that between two port changes.
             pass
 
+        major, minor, _ = guest.qemu_version
         yield Peer("real", str(guest.qmp_path), str(guest.agent_path), guest.workdir,
-                   stop_agent, start_agent, freeze_foreign, foreign_frozen, settle_events)
+                   stop_agent, start_agent, freeze_foreign, foreign_frozen, settle_events,
+                   f"{major}.{minor}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=PEERS)
 async def peer(request: pytest.FixtureRequest) -> AsyncIterator[Peer]:
     # no_reboot: the test guest runs QEMU with -no-reboot
-    cm = fake_peer(no_reboot=True) if request.param == "fake" else real_peer()
+    cm = (fake_peer(request.param.removeprefix("fake-"), no_reboot=True)
+          if request.param.startswith("fake") else real_peer())
     async with cm as p:
         yield p
 
@@ -259,7 +275,7 @@ async def test_agent_frozen_state_bytes(peer: Peer) -> None:
     async with raw_agent(peer) as a:
         assert await a.request(b'{"execute":"guest-fsfreeze-status"}') == b'{"return": "thawed"}\n'
         assert await a.request(b'{"execute":"guest-info"}') == info_golden(
-            lambda n: n != "guest-get-devices"
+            lambda n: n != "guest-get-devices", peer.version
         )
         assert await a.request(b'{"execute":"guest-fsfreeze-freeze"}') == b'{"return": 2}\n'
         try:
@@ -268,13 +284,13 @@ async def test_agent_frozen_state_bytes(peer: Peer) -> None:
             )
             assert await a.request(b'{"execute":"guest-fsfreeze-freeze","id":"f2"}') == (
                 b'{"id": "f2", "error": {"class": "CommandNotFound", "desc": '
-                b'"Command guest-fsfreeze-freeze ' + FROZEN.encode() + b'"}}\n'
+                b'"Command guest-fsfreeze-freeze ' + peer.frozen.encode() + b'"}}\n'
             )
             assert await a.request(b'{"execute":"guest-info"}') == info_golden(
-                lambda n: n in ALLOWED_WHILE_FROZEN
+                lambda n: n in ALLOWED_WHILE_FROZEN, peer.version
             )
             assert await a.request(b'{"execute":"guest-exec","arguments":{"path":"/bin/true"}}') == (
-                err(f"Command guest-exec {FROZEN}", "CommandNotFound")
+                err(f"Command guest-exec {peer.frozen}", "CommandNotFound")
             )
             assert await a.request(b'{"execute":"guest-ping"}') == b'{"return": {}}\n'
         finally:
@@ -293,7 +309,7 @@ async def test_agent_frozen_state_through_the_client(peer: Peer) -> None:
             with pytest.raises(AgentCommandError) as info:
                 await ga.fsfreeze_freeze()
             assert info.value.error_class == "CommandNotFound"
-            assert info.value.desc == f"Command guest-fsfreeze-freeze {FROZEN}"
+            assert info.value.desc == f"Command guest-fsfreeze-freeze {peer.frozen}"
             frozen_info = await ga.info()
             assert not frozen_info.is_enabled("guest-fsfreeze-freeze")
             assert not frozen_info.is_enabled("guest-fsfreeze-freeze-list")
@@ -304,7 +320,7 @@ async def test_agent_frozen_state_through_the_client(peer: Peer) -> None:
 
 
 async def test_agent_foreign_freeze_is_invisible_and_thawed_by_a_thaw(peer: Peer) -> None:
-    # DESIGN.md 4: status says thawed, the agent's freeze skips it (not counted), its thaw
+    # docs/design.md 4: status says thawed, the agent's freeze skips it (not counted), its thaw
     # thaws it (and counts it): why a freeze that froze 0 is not ours.
     await peer.freeze_foreign("/mnt/data")
     try:
@@ -402,10 +418,14 @@ async def test_agent_exec_bytes(peer: Peer) -> None:
             b'{"return": {"exitcode": 0, "out-data": "aGkK", "out-truncated": false, '
             b'"exited": true}}\n'
         )
+        spawn_failed = (
+            b'Failed to execute child process \\u201C/nonexistent\\u201D (No such file or directory)'
+        )
         assert await a.request(b'{"execute":"guest-exec","arguments":{"path":"/nonexistent"}}') == (
-            b'{"error": {"class": "GenericError", "desc": "Guest agent command failed, error was '
-            b'\'Failed to execute child process \\u201C/nonexistent\\u201D (No such file or '
-            b'directory)\'"}}\n'
+            b'{"error": {"class": "GenericError", "desc": "'
+            + peer.expect(v7_2=b"Guest agent command failed, error was '" + spawn_failed + b"'",
+                          v10_0=spawn_failed)
+            + b'"}}\n'
         )
     async with await GuestAgent.connect(peer.agent_address, timeout=TIMEOUT) as ga:
         result = await ga.exec("/bin/false", timeout=TIMEOUT)
@@ -458,7 +478,9 @@ async def test_agent_fsinfo_shape(peer: Peer) -> None:
         fsinfo = await ga.get_fsinfo()
     assert sorted(fs["mountpoint"] for fs in fsinfo) == MOUNTS
     for fs in fsinfo:
-        assert set(fs) == {"name", "total-bytes", "mountpoint", "disk", "used-bytes", "type"}
+        assert set(fs) == {"name", "total-bytes", "mountpoint", "disk", "used-bytes", "type"} | (
+            peer.expect(v7_2=set(), v10_0={"total-bytes-privileged"})
+        )
         assert fs["type"] == "ext4" and fs["disk"][0]["bus-type"] == "virtio"
 
 
@@ -473,12 +495,13 @@ async def test_qmp_greeting_status_and_errors_bytes(peer: Peer) -> None:
             b'{"QMP": {"version": {"qemu": {"micro": N, "minor": N, "major": N}, '
             b'"package": "P"}, "capabilities": ["oob"]}}\r\n'
         )
-        assert await q.request("query-status") == (
-            b'{"return": {"status": "running", "singlestep": false, "running": true}}\r\n'
+        status = peer.expect(  # singlestep is gone in 10.0
+            v7_2=b'{"status": "running", "singlestep": false, "running": true}',
+            v10_0=b'{"status": "running", "running": true}',
         )
-        assert await q.request("query-status", id="s") == (
-            b'{"return": {"status": "running", "singlestep": false, "running": true}, "id": "s"}\r\n'
-        )
+        assert await q.request("query-status") == b'{"return": ' + status + b'}\r\n'
+        assert await q.request("query-status", id="s") == b'{"return": ' + status + b', "id": "s"}\r\n'
+
         assert await q.request("no-such", id=[1]) == (
             b'{"id": [1], "error": {"class": "CommandNotFound", '
             b'"desc": "The command no-such has not been found"}}\r\n'
@@ -630,7 +653,8 @@ async def test_qmp_overlay_nodes_and_image(peer: Peer) -> None:
             entries = {n["node-name"]: n for n in await mon.execute(
                 "query-named-block-nodes", {"flat": True})}
             assert _node_view(peer, entries["cov1"]) == {
-                "keys": ["iops_rd", "detect_zeroes", "image", "iops_wr", "ro", "node-name",
+                "keys": ["iops_rd", "detect_zeroes", *peer.expect(v7_2=[], v10_0=["active"]),
+                         "image", "iops_wr", "ro", "node-name",
                          "backing_file_depth", "drv", "iops", "bps_wr", "write_threshold",
                          "encrypted", "bps", "bps_rd", "cache", "file"],
                 "image-keys": ["actual-size", "backing-filename", "backing-filename-format",
@@ -776,7 +800,7 @@ async def test_qmp_transaction_atomic_and_busy_bytes(peer: Peer) -> None:
         assert peer.norm(flat["tov0"]["file"]) == "<W>/tov0.qcow2"
         assert peer.norm(flat["tov0"]["backing_file"]) == "<W>/data0.qcow2"
         assert (flat["disk0"]["ro"], flat["file0"]["ro"]) == (True, False)
-        # The busy-node error: repeating the snapshot (DESIGN.md 4)
+        # The busy-node error: repeating the snapshot (docs/design.md 4)
         assert await q.request("transaction", {"actions": [_snap("disk0", "tov0")]}) == qerr(
             "Node 'disk0' is busy: node is used as backing hd of 'tov0'")
         assert await q.request("blockdev-del", {"node-name": "tov0"}) == qerr("Node tov0 is in use")

@@ -1,7 +1,7 @@
 """The fault matrix: SnapshotOrchestrator on a FakeVM under every fault the fakes can inject.
 
 Every case runs the orchestrator once per quiesce mode (``required``, ``preferred``) with small
-timeouts, and checks the outcome it expects (the table below) and the invariants of DESIGN.md
+timeouts, and checks the outcome it expects (the table below) and the invariants of docs/design.md
 section 2 on the fakes' records:
 
 * nothing foreign thawed: no ``guest-fsfreeze-thaw`` unless a freeze of this operation took
@@ -143,7 +143,7 @@ async def run_case(case: Case, mode: str) -> tuple[FakeVM, Outcome]:
 
 
 def check_invariants(vm: FakeVM, case: Case, outcome: Outcome, state: dict[str, Any]) -> None:
-    """DESIGN.md section 2, on the fakes' records (``state``: taken right at return)."""
+    """docs/design.md section 2, on the fakes' records (``state``: taken right at return)."""
     agent = vm.agent
     result, error = outcome.result, outcome.error
     froze = state["total_frozen"] > 0  # a freeze of this operation took effect

@@ -3,7 +3,9 @@
 Nothing in the library imports this package.
 
 * :func:`boot_guest` / :class:`Guest`: a real QEMU guest (TCG) with the real ``qemu-ga``, built
-  from the host's Debian packages by :func:`build_guest_image` and cached.
+  from a peer's Debian packages by :func:`build_guest_image` and cached. The peer
+  (:func:`get_peer`) is the host's own packages (``"host"``) or a Debian 13 root with QEMU 10.0 and
+  qemu-ga 10.0 that qmpagent provisions itself (``"debian13"``); ``$QMPAGENT_PEER`` chooses.
 * :class:`FakeAgent` and :class:`FakeQMPServer`: fault-injecting fakes of ``qemu-ga`` and of
   QEMU's QMP (with a block graph: ``blockdev-create``, ``blockdev-add``, ``blockdev-del``,
   ``transaction``), real socket servers that behave like the real peers byte for byte where
@@ -58,10 +60,12 @@ from .guest import (
     boot_guest,
 )
 from .image import APT_PACKAGES, GuestBuildError, GuestImage, build_guest_image, default_cache_dir
+from .peer import PEERS, Peer, PeerError, default_peer_name, get_peer
 
 __all__ = [
     "AGENT_PORT_NAME",
     "APT_PACKAGES",
+    "PEERS",
     "AgentFault",
     "AgentFaultKind",
     "AgentInjection",
@@ -87,6 +91,8 @@ __all__ = [
     "GuestDisk",
     "GuestError",
     "GuestImage",
+    "Peer",
+    "PeerError",
     "QEMUJSONEvent",
     "QEMUJSONStreamParser",
     "Qcow2Header",
@@ -97,6 +103,8 @@ __all__ = [
     "build_guest_image",
     "create_qcow2_image",
     "default_cache_dir",
+    "default_peer_name",
+    "get_peer",
     "qemu_json",
     "read_qcow2_header",
 ]

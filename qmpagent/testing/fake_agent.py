@@ -107,11 +107,13 @@ __all__ = [
     "AgentFaultKind",
     "AgentInjection",
     "AgentMessage",
+    "AgentProfile",
     "FakeAgent",
     "FakeAgentError",
     "FakeExecResult",
     "QEMUJSONEvent",
     "QEMUJSONStreamParser",
+    "agent_profile",
     "qemu_json",
 ]
 
@@ -119,6 +121,9 @@ log = logging.getLogger(__name__)
 
 #: The ``version`` the fake reports in ``guest-info`` (the real Debian 12 qemu-ga reports this).
 DEFAULT_VERSION: Final = "7.2.22"
+#: The version of Debian 13's qemu-ga, the second real peer; ``FakeAgent(version=...)`` with it
+#: behaves like that agent where the two differ (see :class:`AgentProfile`).
+DEBIAN13_VERSION: Final = "10.0.13"
 
 # =================================================================================================
 # QEMU's JSON output format (qobject/qjson.c + qobject/qdict.c)
@@ -1218,7 +1223,15 @@ _REAL_COMMANDS: Final[tuple[tuple[str, bool], ...]] = (
     ("guest-sync-delimited", True),
 )
 
-#: Commands qemu-ga 7.2 keeps enabled while frozen (qga/main.c ``ga_freeze_allowlist``).
+# qemu-ga 10.0 on Linux (Debian 13, 10.0.13): two commands more, listed first, and the commands
+# Linux does not support (guest-get-devices) are not built in at all since 9.1.
+_REAL_COMMANDS_10_0: Final[tuple[tuple[str, bool], ...]] = (
+    ("guest-network-get-route", True),
+    ("guest-get-load", True),
+    *(c for c in _REAL_COMMANDS if c[0] != "guest-get-devices"),
+)
+
+#: Commands qemu-ga 7.2 and 10.0 keep enabled while frozen (qga/main.c ``ga_freeze_allowlist``).
 FREEZE_ALLOWLIST: Final = frozenset(
     {
         "guest-ping",
@@ -1231,6 +1244,62 @@ FREEZE_ALLOWLIST: Final = frozenset(
 )
 _FROZEN_REASON: Final = "the agent is in frozen state"
 _ALWAYS_BLOCKED: Final = ("guest-get-devices",)  # not supported on Linux: disabled at startup
+
+
+@dataclass(frozen=True)
+class AgentProfile:
+    """How one real ``qemu-ga`` version behaves where versions differ (each seen on the real
+    agent of that version in the test guest, and checked by the conformance suite).
+
+    Attributes:
+        version: the ``guest-info`` version of the real agent this profile was checked against.
+        commands: the commands in ``guest-info`` order, and whether they answer on success.
+        frozen_reason: the reason in ``"Command X has been disabled: <reason>"`` while frozen.
+        blocked_reason: the reason for a command blocked with ``qemu-ga -b`` (None: no reason).
+        unsupported: commands listed in ``guest-info`` but disabled from start-up because Linux
+            does not support them (7.2); 10.0 does not build them, so they are "not found".
+        wraps_glib_errors: a failed ``guest-exec`` says ``Guest agent command failed, error was
+            '<glib message>'`` (7.2) rather than the glib message alone (10.0).
+        fsinfo_privileged: ``guest-get-fsinfo`` reports ``total-bytes-privileged`` (10.0).
+    """
+
+    version: str
+    commands: tuple[tuple[str, bool], ...]
+    frozen_reason: str
+    blocked_reason: str | None
+    unsupported: tuple[str, ...]
+    wraps_glib_errors: bool
+    fsinfo_privileged: bool
+
+    def glib_error(self, message: str) -> str:
+        """A failure reported by glib (e.g. spawning a process), as this version words it."""
+        return f"Guest agent command failed, error was '{message}'" if self.wraps_glib_errors else message
+
+
+#: qemu-ga 7.2.22 (Debian 12) and 10.0.13 (Debian 13), by ``major.minor``.
+AGENT_PROFILES: Final[Mapping[str, AgentProfile]] = {
+    "7.2": AgentProfile(
+        DEFAULT_VERSION, _REAL_COMMANDS, _FROZEN_REASON, None, _ALWAYS_BLOCKED,
+        wraps_glib_errors=True, fsinfo_privileged=False,
+    ),
+    "10.0": AgentProfile(
+        DEBIAN13_VERSION, _REAL_COMMANDS_10_0, "the command is not allowed",
+        "the command is not allowed", (), wraps_glib_errors=False, fsinfo_privileged=True,
+    ),
+}
+
+
+def agent_profile(version: str) -> AgentProfile:
+    """The :class:`AgentProfile` for a ``guest-info`` version: its ``major.minor`` if known,
+    else the newest known profile at or below it (7.2 for anything older)."""
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", v)[:2]) or (0,)
+
+    exact = ".".join(version.split(".")[:2])
+    if exact in AGENT_PROFILES:
+        return AGENT_PROFILES[exact]
+    below = [k for k in AGENT_PROFILES if key(k) <= key(version)]
+    return AGENT_PROFILES[max(below, key=key)] if below else AGENT_PROFILES["7.2"]
 _FILE_MODES: Final = frozenset(
     {"r", "rb", "w", "wb", "a", "ab", "r+", "rb+", "r+b", "w+", "wb+", "w+b", "a+", "ab+", "a+b"}
 )
@@ -1317,9 +1386,11 @@ class FakeAgent:
             built-in ``true``, ``false``, ``echo`` and ``cat`` (in ``/bin`` and ``/usr/bin``).
         osinfo: the ``guest-get-osinfo`` result (default: a Debian 12 guest).
         host_name: the ``guest-get-host-name`` result.
-        version: the ``guest-info`` version.
-        blocked_commands: commands disabled as by ``qemu-ga -b`` (``guest-get-devices`` is
-            always disabled, as on Linux).
+        version: the ``guest-info`` version; it also chooses which real agent the fake behaves
+            like where versions differ (:func:`agent_profile`): ``"7.2.22"`` (the default,
+            Debian 12) or ``"10.0.13"`` (Debian 13).
+        blocked_commands: commands disabled as by ``qemu-ga -b`` (on 7.2 ``guest-get-devices``
+            is always disabled, as on Linux; 10.0 does not have it).
         port_open: whether the agent's port starts open (``False``: the guest is booting).
         on_port_change: called with ``True``/``False`` when the port opens/closes.
         on_shutdown: called with the mode (``"powerdown"``, ``"halt"``, ``"reboot"``) after a
@@ -1372,6 +1443,8 @@ class FakeAgent:
         self.host_name = host_name
         #: The ``guest-info`` version.
         self.version = version
+        #: The real agent version the fake behaves like.
+        self.profile = agent_profile(version)
         self._on_port_change = on_port_change
         self._on_shutdown = on_shutdown
         self._on_suspend = on_suspend
@@ -1381,8 +1454,11 @@ class FakeAgent:
         self._commands: dict[str, _Command] = {}
         self._command_order: list[str] = []  # guest-info order
         self._install_builtins()
-        self._blocked = set(_ALWAYS_BLOCKED) | set(blocked_commands)
-        self._disabled: dict[str, str | None] = {name: None for name in self._blocked}
+        self._blocked = set(self.profile.unsupported) | set(blocked_commands)
+        self._disabled: dict[str, str | None] = {
+            name: None if name in self.profile.unsupported else self.profile.blocked_reason
+            for name in self._blocked
+        }
 
         # Guest state
         self._agent_frozen = False
@@ -1775,7 +1851,7 @@ class FakeAgent:
         if frozen:
             for name in self._commands:
                 if name not in FREEZE_ALLOWLIST:
-                    self._disabled[name] = _FROZEN_REASON
+                    self._disabled[name] = self.profile.frozen_reason
         else:
             # Blocked commands stay disabled, with the frozen reason (as in qemu-ga 7.2).
             for name in list(self._disabled):
@@ -1837,7 +1913,7 @@ class FakeAgent:
         if command not in self._commands:
             self._command_order.insert(0, command)
             if self._agent_frozen and command not in FREEZE_ALLOWLIST:
-                self._disabled[command] = _FROZEN_REASON
+                self._disabled[command] = self.profile.frozen_reason
         self._commands[command] = _Command(command, success_response, None, handler)
 
     def set_exec_result(self, path: str, program: ExecProgram) -> None:
@@ -1937,7 +2013,7 @@ class FakeAgent:
             ),
             "guest-file-close": ((("handle", _INT, False),), self._cmd_file_close),
         }
-        for name, success in _REAL_COMMANDS:
+        for name, success in self.profile.commands:
             spec = builtins.get(name)
             self._commands[name] = _Command(
                 name, success, spec[0] if spec else None, spec[1] if spec else None
@@ -1962,6 +2038,8 @@ class FakeAgent:
         }
 
     def _cmd_fsinfo(self, arguments: dict[str, Any]) -> Any:
+        # 10.0 adds the size including the blocks reserved for root (5% of ext4's 50 MiB here).
+        privileged = {"total-bytes-privileged": 57381888} if self.profile.fsinfo_privileged else {}
         return [
             {
                 "name": f"vd{chr(ord('a') + i)}" if i < 26 else f"vd{i}",
@@ -1969,6 +2047,7 @@ class FakeAgent:
                 "type": "ext4",
                 "used-bytes": 23552,
                 "total-bytes": 52685824,
+                **privileged,
                 "disk": [
                     {
                         "pci-controller": {"domain": 0, "bus": 0, "slot": 2 + i, "function": 0},
@@ -2015,14 +2094,12 @@ class FakeAgent:
         program = self._find_program(path)
         if len(self._processes) >= _MAX_OPEN:
             raise FakeAgentError(
-                "Guest agent command failed, error was 'Failed to fork (Resource temporarily "
-                "unavailable)'"
+                self.profile.glib_error("Failed to fork (Resource temporarily unavailable)")
             )
         if program is None:
-            raise FakeAgentError(
-                "Guest agent command failed, error was 'Failed to execute child process "
-                f"\u201c{path}\u201d (No such file or directory)'"
-            )
+            raise FakeAgentError(self.profile.glib_error(
+                f"Failed to execute child process \u201c{path}\u201d (No such file or directory)"
+            ))
         result = program if isinstance(program, FakeExecResult) else program(
             list(arguments.get("arg", [])), stdin
         )

@@ -818,6 +818,36 @@ class _RateLimit:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass(frozen=True)
+class QEMUProfile:
+    """How one real QEMU version answers where versions differ (each seen on that version in
+    the test guest and checked by the conformance suite).
+
+    Attributes:
+        version: the version this profile was checked against.
+        status_singlestep: ``query-status`` has ``singlestep`` (gone in 10.0).
+        node_active: block node entries have ``active`` (new in 10.0).
+    """
+
+    version: tuple[int, int, int]
+    status_singlestep: bool
+    node_active: bool
+
+
+#: QEMU 7.2 (Debian 12) and 10.0 (Debian 13), by ``(major, minor)``.
+QEMU_PROFILES: Final[Mapping[tuple[int, int], QEMUProfile]] = {
+    (7, 2): QEMUProfile((7, 2, 0), status_singlestep=True, node_active=False),
+    (10, 0): QEMUProfile((10, 0, 13), status_singlestep=False, node_active=True),
+}
+
+
+def qemu_profile(version: tuple[int, int, int]) -> QEMUProfile:
+    """The :class:`QEMUProfile` of ``version``: its ``(major, minor)`` if known, else the newest
+    known one at or below it (7.2 for anything older)."""
+    below = [k for k in QEMU_PROFILES if k <= version[:2]]
+    return QEMU_PROFILES[max(below)] if below else QEMU_PROFILES[(7, 2)]
+
+
 class FakeQMPServer:
     """A QMP server that behaves like QEMU's monitor, for tests. Use it as an async context
     manager (or :meth:`start` / :meth:`close`).
@@ -828,7 +858,8 @@ class FakeQMPServer:
         agent_port: create a guest-agent virtio-serial port like the test guest's
             (device ``qgaport0``, chardev ``qga0``, name ``org.qemu.guest_agent.0``).
         agent_port_open: whether the guest has that port open initially.
-        version: the QEMU version in the greeting.
+        version: the QEMU version in the greeting; it also chooses which real QEMU the fake
+            answers like where versions differ (:func:`qemu_profile`): 7.2 (the default) or 10.0.
         package: the ``package`` string in the greeting.
         disk: add the default disk: node ``disk0`` (qcow2) on ``file0``, image
             ``/fake/data0.qcow2`` (which need not exist), device ``vblk0``.
@@ -889,6 +920,8 @@ class FakeQMPServer:
         self._limits: dict[tuple[str, str], _RateLimit] = {}
         self.version = version
         self.package = package
+        #: The real QEMU version the fake answers like.
+        self.profile = qemu_profile(version)
         self.job_duration = job_duration
         self.address: str | tuple[str, int] = ""
         self.handlers: dict[str, Handler] = {}
@@ -1518,6 +1551,7 @@ class FakeQMPServer:
             "backing_file_depth": depth,
             "encrypted": False,
             "detect_zeroes": "off",
+            **({"active": True} if self.profile.node_active else {}),
             "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
             "image": self._image_info(node, flat),
             "cache": {"writeback": True, "direct": False, "no-flush": False},
@@ -1849,6 +1883,8 @@ class FakeQMPServer:
 
         def query_status(call: FakeCall) -> dict[str, Any]:
             _no_arguments(call)
+            if not self.profile.status_singlestep:
+                return {"running": self.status == "running", "status": self.status}
             return {"running": self.status == "running", "singlestep": False,
                     "status": self.status}
 

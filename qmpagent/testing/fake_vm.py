@@ -62,10 +62,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from .fake_agent import AgentFault, AgentInjection, FakeAgent
+from .fake_agent import DEBIAN13_VERSION, DEFAULT_VERSION, AgentFault, AgentInjection, FakeAgent
 from .fake_qmp import FakeCall, FakeQMPError, FakeQMPServer, create_qcow2_image
 
-__all__ = ["FakeDisk", "FakeVM", "TransactionRecord"]
+__all__ = ["FAKE_PEERS", "FakeDisk", "FakeVM", "TransactionRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ class FakeDisk:
     path: Path
     mountpoint: str
     base: Path | None = None
+
+
+#: The real peers the fakes can answer like: name -> (QEMU version, qemu-ga version).
+FAKE_PEERS: Final[Mapping[str, tuple[tuple[int, int, int], str]]] = {
+    "debian12": ((7, 2, 0), DEFAULT_VERSION),
+    "debian13": ((10, 0, 13), DEBIAN13_VERSION),
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,8 @@ class FakeVM:
         tcp: serve QMP and the agent on ``127.0.0.1`` ports instead of unix sockets.
         agent_options: more keyword arguments for :class:`~qmpagent.testing.FakeAgent`
             (e.g. ``blocked_commands``, ``files``, ``programs``, ``mountpoints``).
+        peer: which real peer the fakes answer like where versions differ: ``"debian12"``
+            (QEMU 7.2 + qemu-ga 7.2, the default) or ``"debian13"`` (QEMU 10.0 + qemu-ga 10.0).
 
     Attributes:
         qmp: the fake QMP server (QEMU).
@@ -165,9 +174,13 @@ class FakeVM:
         vserport_rate_limit: float = 1.0,
         tcp: bool = False,
         agent_options: Mapping[str, Any] | None = None,
+        peer: str = "debian12",
     ) -> None:
         if not 1 <= disks <= 26:
             raise ValueError("disks must be between 1 and 26")
+        if peer not in FAKE_PEERS:
+            raise ValueError(f"peer must be one of {', '.join(FAKE_PEERS)}, not {peer!r}")
+        self.peer = peer
         self._disk_count = disks
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self._disk_size = disk_size
@@ -248,6 +261,7 @@ class FakeVM:
             block_commands=True,
             vserport_rate_limit=self._vserport_rate_limit,
             max_clients=1,
+            version=FAKE_PEERS[self.peer][0],
         )
         self._qmp = qmp
         for disk in self.disks:
@@ -262,6 +276,7 @@ class FakeVM:
         self._install_handlers(qmp)
 
         options: dict[str, Any] = {
+            "version": FAKE_PEERS[self.peer][1],
             "mountpoints": [d.mountpoint for d in self.disks],
             "port_open": self._agent_running,
             "on_port_change": self._on_port_change,

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from qemu.qmp import QMPClient
@@ -38,7 +39,8 @@ from qemu.qmp.error import QMPError
 
 from ..errors import QMPAgentError
 from ..monitor import AGENT_PORT_NAME
-from .image import GuestImage, build_guest_image, find_tool
+from .image import GuestBuildError, GuestImage, build_guest_image, resolve_peer
+from .peer import Peer, PeerError
 
 __all__ = [
     "AGENT_PORT_NAME",
@@ -145,6 +147,9 @@ class Guest:
         image: the cached guest build that was booted.
         boot_time: seconds from starting QEMU to the agent port open (None if not waited for).
         pid: QEMU's process id.
+        peak_rss: QEMU's peak resident set size in bytes, read when it is stopped.
+        peer: the peer QEMU, qemu-ga and the kernel come from (``"host"`` or ``"debian13"``).
+        qemu_version: the running QEMU's ``(major, minor, micro)``, from its QMP greeting.
     """
 
     workdir: Path
@@ -158,6 +163,9 @@ class Guest:
     boot_time: float | None = None
     pid: int = 0
     peak_rss: int | None = None
+    peer: str = "host"
+    qemu_version: tuple[int, int, int] = (0, 0, 0)
+    _peer: Peer | None = field(default=None, repr=False)
     _process: asyncio.subprocess.Process | None = field(default=None, repr=False)
     _control: _ControlChannel | None = field(default=None, repr=False)
 
@@ -231,6 +239,12 @@ class Guest:
                 if wlog.last_uptime > after:
                     return wlog
                 await anyio.sleep(0.05)
+
+    def command(self, name: str) -> list[str]:
+        """The argv prefix that runs the peer's program ``name`` (e.g. ``qemu-img``) on the
+        host: the same version as the guest's QEMU."""
+        assert self._peer is not None
+        return self._peer.command(name)
 
     def console_text(self) -> str:
         """The console log so far."""
@@ -306,6 +320,14 @@ async def _agent_port_open(qmp: QMPClient, chardev: str) -> bool:
     raise GuestError(f"QEMU has no chardev {chardev!r}")
 
 
+def _qemu_version(qmp: QMPClient) -> tuple[int, int, int]:
+    greeting = qmp.greeting
+    if greeting is None:  # pragma: no cover - set by a successful connect
+        return (0, 0, 0)
+    v: Any = greeting.QMP.version["qemu"]
+    return (int(v["major"]), int(v["minor"]), int(v["micro"]))
+
+
 async def _wait_agent_port(qmp: QMPClient, chardev: str, proc: asyncio.subprocess.Process) -> None:
     # VSERPORT_CHANGE is only a hint (rate-limited, coalesced); query-chardev is the truth.
     from qemu.qmp import EventListener
@@ -333,6 +355,7 @@ async def boot_guest(
     extra_args: Sequence[str] = (),
     image: GuestImage | None = None,
     workdir_parent: str | os.PathLike[str] | None = None,
+    peer: Peer | str | None = None,
 ) -> AsyncIterator[Guest]:
     """Boot a throwaway guest under TCG and yield a :class:`Guest`.
 
@@ -350,16 +373,27 @@ async def boot_guest(
         extra_args: more QEMU arguments.
         image: a prebuilt image (default: build or reuse the cached one).
         workdir_parent: where the guest's working directory is made (default: the temp dir).
+        peer: whose QEMU, qemu-ga and kernel: ``"host"`` (the machine's own packages) or
+            ``"debian13"`` (QEMU 10.0 + qemu-ga 10.0 from a Debian 13 root provisioned into the
+            cache on first use); default ``$QMPAGENT_PEER``, else ``"host"``. An ``image`` given
+            must have been built from the same peer.
 
     Raises:
         GuestBuildError: the guest cannot be built (names the ``apt-get install`` line).
+        UsageError: unknown peer.
         GuestError: QEMU failed to start, exited early or did not get ready in time
             (the console log tail is in the message).
     """
+    the_peer = await anyio.to_thread.run_sync(resolve_peer, peer)
     if image is None:
-        image = await anyio.to_thread.run_sync(build_guest_image)
-    qemu = find_tool("qemu-system-x86_64")
-    qemu_img = find_tool("qemu-img")
+        image = await anyio.to_thread.run_sync(lambda: build_guest_image(peer=the_peer))
+    elif image.peer != the_peer.name:
+        raise GuestError(f"the image was built from peer {image.peer!r}, not {the_peer.name!r}")
+    try:
+        qemu = the_peer.qemu_command()
+        qemu_img = the_peer.command("qemu-img")
+    except PeerError as exc:
+        raise GuestBuildError(str(exc)) from exc
     workdir = Path(tempfile.mkdtemp(prefix="qmpagent-guest-", dir=workdir_parent))
     proc: asyncio.subprocess.Process | None = None
     guest: Guest | None = None
@@ -375,7 +409,7 @@ async def boot_guest(
         bases = [image.data_disk] + [image.data2_disk] * (count - 1)
         for disk, base in zip(disks, bases, strict=True):
             p = await asyncio.create_subprocess_exec(
-                qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
+                *qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base),
                 str(disk.overlay),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             )
@@ -390,6 +424,8 @@ async def boot_guest(
             console_log=workdir / "console.log",
             disks=tuple(disks),
             image=image,
+            peer=the_peer.name,
+            _peer=the_peer,
         )
         rig_qmp = workdir / "rig-qmp.sock"
         control = workdir / "control.sock"
@@ -397,7 +433,7 @@ async def boot_guest(
             1 if writer else 0, ",".join(serials)
         )
         argv = [
-            qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", str(memory_mb),
+            *qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", str(memory_mb),
             "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
             "-serial", f"file:{guest.console_log}",
@@ -428,6 +464,7 @@ async def boot_guest(
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=stderr,
                 preexec_fn=_set_pdeathsig,
+                env={**os.environ, **the_peer.environment()},
             )
         guest._process = proc
         guest.pid = proc.pid
@@ -438,14 +475,15 @@ async def boot_guest(
                 await _wait_for_socket(control, proc, deadline)
                 reader, writer_ = await asyncio.open_unix_connection(str(control))
                 guest._control = _ControlChannel(reader, writer_)
-                if wait_for_agent and not paused:
-                    qmp = QMPClient("qmpagent-rig")
-                    try:
-                        await qmp.connect(str(rig_qmp))
+                qmp = QMPClient("qmpagent-rig")
+                try:
+                    await qmp.connect(str(rig_qmp))
+                    guest.qemu_version = _qemu_version(qmp)
+                    if wait_for_agent and not paused:
                         await _wait_agent_port(qmp, guest.agent_chardev, proc)
-                    finally:
-                        await qmp.disconnect()
-                    guest.boot_time = time.monotonic() - started
+                        guest.boot_time = time.monotonic() - started
+                finally:
+                    await qmp.disconnect()
         except (TimeoutError, QMPError, OSError, GuestError) as exc:
             what = f"no progress in {boot_timeout}s" if isinstance(exc, TimeoutError) else str(exc)
             raise GuestError(

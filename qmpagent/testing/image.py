@@ -1,18 +1,20 @@
-"""Build the minimal test guest from the host's Debian packages.
+"""Build the minimal test guest from a peer's Debian packages (the host's by default).
 
-The guest is a kernel, an initramfs and two small ext4 data disks:
+The guest is a kernel, an initramfs and two small ext4 data disks, all taken from one *peer*
+(:mod:`qmpagent.testing.peer`): the host's own root, or a provisioned Debian 13 root:
 
-* the kernel is the host's ``/boot/vmlinuz-*`` (package ``linux-image-amd64``); its xz payload,
-  decompressed, is an ELF ``vmlinux`` with a PVH entry note that QEMU's ``-kernel`` boots directly,
-  which saves about half the boot time under TCG;
-* the initramfs holds busybox-static, the host's real ``/usr/sbin/qemu-ga`` with the libraries it
-  links against, the virtio and ext4 modules, and an ``/init`` script (:data:`INIT_SCRIPT`) that
+* the kernel is the peer's ``/boot/vmlinuz-*`` (package ``linux-image-amd64``); its payload (xz on
+  Debian 12, zstd on Debian 13), decompressed, is an ELF ``vmlinux`` with a PVH entry note that
+  QEMU's ``-kernel`` boots directly, which saves about half the boot time under TCG;
+* the initramfs holds busybox-static, the peer's real ``/usr/sbin/qemu-ga`` with the libraries it
+  links against, the virtio and ext4 modules (plain, ``.ko.xz`` or ``.ko.zst``; those built into
+  the kernel are left out), and an ``/init`` script (:data:`INIT_SCRIPT`) that
   loads them, mounts the data disks, starts ``qemu-ga`` (restarting it when it exits), an optional
   timestamp writer, and a small command channel for tests on a second virtio-serial port;
 * the data disks are ext4 images converted to qcow2; every boot gets fresh overlays on them.
 
 Everything is cached in one directory, keyed by a digest of the inputs (paths, sizes and
-modification times of every file taken from the host, plus the builder's own recipe): a second
+modification times of every file taken from the peer, plus the builder's own recipe): a second
 build with the same inputs returns at once. Builds are serialised with a lock file, so parallel
 test processes share one build.
 
@@ -21,11 +23,13 @@ Nothing here runs ``qemu-ga`` on the host.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
 import io
 import json
+import logging
 import lzma
 import os
 import re
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QMPAgentError
+from .peer import HOST_PACKAGES, Peer, PeerError, get_peer
 
 __all__ = [
     "APT_PACKAGES",
@@ -48,14 +53,9 @@ __all__ = [
 ]
 
 #: Debian packages the guest is built from and booted with.
-APT_PACKAGES = (
-    "qemu-system-x86",
-    "qemu-utils",
-    "qemu-guest-agent",
-    "busybox-static",
-    "linux-image-amd64",
-    "e2fsprogs",
-)
+APT_PACKAGES = HOST_PACKAGES
+
+log = logging.getLogger(__name__)
 
 _APT_HINT = "apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES)
 
@@ -194,7 +194,7 @@ poweroff -f
 """
 
 # Bump when the recipe changes in a way the digest of INIT_SCRIPT does not capture.
-_RECIPE_VERSION = "3"
+_RECIPE_VERSION = "4"
 
 
 class GuestBuildError(QMPAgentError):
@@ -212,6 +212,7 @@ class GuestImage:
         data_disk: the qcow2 image of the first data disk (ext4, mounted at ``/mnt/data``).
         data2_disk: the qcow2 image of the second data disk (ext4, mounted at ``/mnt/data2``).
         kernel_version: the kernel release the modules came from.
+        peer: the peer it was built from (``"host"`` or ``"debian13"``).
     """
 
     directory: Path
@@ -220,6 +221,7 @@ class GuestImage:
     data_disk: Path
     data2_disk: Path
     kernel_version: str
+    peer: str = "host"
 
 
 def default_cache_dir() -> Path:
@@ -248,12 +250,12 @@ def find_tool(name: str) -> str:
     return _need(found, name)
 
 
-def _kernel_release() -> tuple[str, Path]:
+def _kernel_release(peer: Peer) -> tuple[str, Path]:
     """The newest ``/boot/vmlinuz-*`` that has a matching ``/lib/modules/<release>``."""
     candidates = []
-    for vmlinuz in Path("/boot").glob("vmlinuz-*"):
+    for vmlinuz in peer.path("/boot").glob("vmlinuz-*"):
         release = vmlinuz.name[len("vmlinuz-") :]
-        if (Path("/lib/modules") / release / "modules.dep").exists():
+        if (peer.path("/lib/modules") / release / "modules.dep").exists():
             candidates.append((vmlinuz.stat().st_mtime, release, vmlinuz))
     if not candidates:
         raise GuestBuildError(f"no kernel with modules under /boot; install it with: {_APT_HINT}")
@@ -261,9 +263,9 @@ def _kernel_release() -> tuple[str, Path]:
     return release, vmlinuz
 
 
-def _module_paths(release: str) -> list[tuple[str, Path]]:
+def _module_paths(release: str, peer: Peer) -> list[tuple[str, Path]]:
     """The guest's modules with their dependencies, dependencies first, built-ins left out."""
-    moddir = Path("/lib/modules") / release
+    moddir = peer.path("/lib/modules") / release
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():
         target, _, rest = line.partition(":")
@@ -304,40 +306,81 @@ def _read_module(path: Path) -> bytes:
     if path.suffix == ".gz":
         return gzip.decompress(data)
     if path.suffix == ".zst":
-        raise GuestBuildError(f"zstd-compressed module {path} is not supported")
+        elf = zstd_decompress(data)
+        if elf is None:
+            raise GuestBuildError(f"cannot decompress {path}: {_ZSTD_HINT}")
+        return elf
     return data
 
 
-def _shared_libraries(binary: str) -> list[str]:
-    """The libraries ``ldd`` lists for ``binary`` (resolved paths), loader included."""
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_HINT = "no zstd decoder (pip install zstandard, or apt-get install zstd)"
+
+
+def zstd_decompress(data: bytes, max_output: int = 512 * 1024 * 1024) -> bytes | None:
+    """Decompress the first zstd frame of ``data`` (trailing bytes ignored), or None when no
+    decoder is available. Tries Python's own ``compression.zstd`` (3.14+), then the
+    ``zstandard`` package, then the ``zstd`` program.
+
+    Raises:
+        GuestBuildError: the data is not a valid zstd frame.
+    """
     try:
-        out = subprocess.run(
-            ["ldd", binary], capture_output=True, text=True, check=False
-        ).stdout
-    except FileNotFoundError as exc:  # pragma: no cover - ldd is part of libc-bin
-        raise GuestBuildError("ldd not found (package libc-bin)") from exc
-    libs = []
-    for line in out.splitlines():
-        m = re.search(r"(/\S+)\s+\(0x", line)
-        if m:
-            libs.append(m.group(1))
-    return libs
+        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+
+        try:
+            return bytes(zstd.ZstdDecompressor().decompress(data, max_length=max_output))
+        except zstd.ZstdError as exc:
+            raise GuestBuildError(f"bad zstd data: {exc}") from exc
+    except ImportError:
+        pass
+    try:
+        import zstandard  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        try:
+            dobj = zstandard.ZstdDecompressor(max_window_size=2**31).decompressobj()
+            return bytes(dobj.decompress(data))
+        except zstandard.ZstdError as exc:
+            raise GuestBuildError(f"bad zstd data: {exc}") from exc
+    tool = shutil.which("zstd")
+    if tool is None:
+        return None
+    # The program refuses trailing garbage after the frame; a bzImage has some: -q and the
+    # output up to the error are what we want, so the exit status is not trusted, the ELF is.
+    proc = subprocess.run(
+        [tool, "-d", "-q", "-c", "--long=31"], input=data, capture_output=True, check=False
+    )
+    if not proc.stdout:
+        raise GuestBuildError(f"bad zstd data: {proc.stderr.decode(errors='replace').strip()}")
+    return proc.stdout
 
 
 def _extract_vmlinux(vmlinuz: Path) -> bytes | None:
-    """The ELF kernel inside a bzImage if it is xz-compressed and has a PVH note, else None."""
+    """The ELF kernel inside a bzImage if its payload is xz or zstd and has a PVH note, else
+    None (then the bzImage itself is booted, about twice as slowly)."""
     data = vmlinuz.read_bytes()
-    start = data.find(b"\xfd7zXZ\x00")
-    if start < 0:
-        return None
-    try:
-        decomp = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        elf = decomp.decompress(data[start:])
-    except lzma.LZMAError:
-        return None
-    if not elf.startswith(b"\x7fELF") or not _has_pvh_note(elf):
-        return None
-    return elf
+    candidates = []
+    for magic, kind in ((b"\xfd7zXZ\x00", "xz"), (_ZSTD_MAGIC, "zstd")):
+        start = data.find(magic)
+        if start >= 0:
+            candidates.append((start, kind))
+    for start, kind in sorted(candidates):
+        elf: bytes | None
+        try:
+            if kind == "xz":
+                elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[start:])
+            else:
+                elf = zstd_decompress(data[start:])
+        except (lzma.LZMAError, GuestBuildError):
+            continue
+        if elf is None:
+            log.warning("kernel %s: zstd payload and %s: booting the slower bzImage", vmlinuz, _ZSTD_HINT)
+            continue
+        if elf.startswith(b"\x7fELF") and _has_pvh_note(elf):
+            return elf
+    return None
 
 
 def _has_pvh_note(elf: bytes) -> bool:
@@ -417,7 +460,9 @@ def _fingerprint(paths: Iterable[str | Path]) -> list[str]:
     return out
 
 
-def _build_initrd(release: str, modules: list[tuple[str, Path]], qga: str, busybox: str) -> bytes:
+def _build_initrd(
+    release: str, modules: list[tuple[str, Path]], qga: Path, busybox: Path, peer: Peer
+) -> bytes:
     cpio = _Cpio()
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "tmp", "mnt",
               "etc/qmpagent", "lib/modules", "lib64"):
@@ -432,12 +477,13 @@ def _build_initrd(release: str, modules: list[tuple[str, Path]], qga: str, busyb
     cpio.file("init", INIT_SCRIPT.encode(), 0o755)
     cpio.file("sbin/shutdown", SHUTDOWN_SCRIPT.encode(), 0o755)
     cpio.file("usr/sbin/qemu-ga", Path(qga).read_bytes(), 0o755)
-    for lib in _shared_libraries(qga) + _shared_libraries(busybox):
-        data = Path(lib).read_bytes()
-        cpio.file(lib, data, 0o755)
+    for lib in peer.shared_libraries(qga) + peer.shared_libraries(busybox):
+        data = lib.read_bytes()
+        cpio.file(peer.guest_path(lib), data, 0o755)
         real = os.path.realpath(lib)
-        if real != lib:
-            cpio.file(real, data, 0o755)
+        with contextlib.suppress(PeerError):  # a link out of the root: the loader needs no copy
+            if real != str(lib):
+                cpio.file(peer.guest_path(real), data, 0o755)
     for name, path in modules:
         cpio.file(f"lib/modules/{name}.ko", _read_module(path))
     cpio.file("etc/qmpagent/modules", ("\n".join(n for n, _ in modules) + "\n").encode())
@@ -445,15 +491,22 @@ def _build_initrd(release: str, modules: list[tuple[str, Path]], qga: str, busyb
     return gzip.compress(cpio.finish(), compresslevel=6, mtime=0)
 
 
-def _make_data_disk(path: Path, label: str, workdir: Path) -> None:
-    mkfs = find_tool("mkfs.ext4")
-    qemu_img = find_tool("qemu-img")
+def _make_data_disk(path: Path, label: str, workdir: Path, peer: Peer) -> None:
+    mkfs = find_tool("mkfs.ext4")  # the host's: an ext4 image is an ext4 image
+    qemu_img = _peer_command(peer, "qemu-img")
     raw = workdir / f"{label}.raw"
     with open(raw, "wb") as f:
         f.truncate(DATA_DISK_SIZE)
     _run([mkfs, "-q", "-F", "-L", label, "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)])
-    _run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
+    _run([*qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
     raw.unlink()
+
+
+def _entry_peer(entry: Path) -> str:
+    try:
+        return (entry / "peer").read_text().strip()
+    except OSError:
+        return "host"  # built before peers existed
 
 
 def _run(argv: list[str]) -> None:
@@ -462,31 +515,63 @@ def _run(argv: list[str]) -> None:
         raise GuestBuildError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
-def build_guest_image(cache_dir: str | os.PathLike[str] | None = None) -> GuestImage:
+def _peer_command(peer: Peer, name: str) -> list[str]:
+    try:
+        return peer.command(name)
+    except PeerError as exc:
+        raise GuestBuildError(str(exc)) from exc
+
+
+def resolve_peer(peer: Peer | str | None) -> Peer:
+    """``peer`` as a :class:`~qmpagent.testing.peer.Peer` (a name, or None for
+    ``$QMPAGENT_PEER``/``"host"``), provisioning a Debian 13 root when needed.
+
+    Raises:
+        GuestBuildError: the peer cannot be provisioned.
+        UsageError: unknown peer name.
+    """
+    if isinstance(peer, Peer):
+        return peer
+    try:
+        return get_peer(peer)
+    except PeerError as exc:
+        raise GuestBuildError(str(exc)) from exc
+
+
+def build_guest_image(
+    cache_dir: str | os.PathLike[str] | None = None, *, peer: Peer | str | None = None
+) -> GuestImage:
     """Build the test guest, or return the cached build when its inputs are unchanged.
 
     Blocking (it runs subprocesses and writes tens of MB the first time, about a second when
-    cached): from async code call it through ``anyio.to_thread.run_sync``.
+    cached; provisioning the Debian 13 peer takes about a minute more, once): from async code
+    call it through ``anyio.to_thread.run_sync``.
 
     Args:
         cache_dir: where builds are cached; default :func:`default_cache_dir`.
+        peer: ``"host"``, ``"debian13"`` or a :class:`~qmpagent.testing.peer.Peer`; default
+            ``$QMPAGENT_PEER``, else ``"host"``.
 
     Raises:
-        GuestBuildError: a host package is missing (the message names the ``apt-get install``
-            line) or a build step failed.
+        GuestBuildError: a package is missing (for the host, the message names the
+            ``apt-get install`` line), the peer cannot be provisioned, or a build step failed.
+        UsageError: unknown peer name.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    find_tool("qemu-system-x86_64")
-    find_tool("qemu-img")
-    qga = _need(QEMU_GA_PATH, f"{QEMU_GA_PATH} (package qemu-guest-agent)")
-    busybox = _need(
-        next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.path.exists(p)), None),
-        "busybox (package busybox-static)",
+    the_peer = resolve_peer(peer)
+    _peer_command(the_peer, "qemu-system-x86_64")
+    _peer_command(the_peer, "qemu-img")
+    qga = the_peer.path(QEMU_GA_PATH)
+    _need(str(qga) if qga.exists() else None, f"{QEMU_GA_PATH} (package qemu-guest-agent)")
+    busybox = next(
+        (b for p in ("/bin/busybox", "/usr/bin/busybox") if (b := the_peer.path(p)).exists()), None
     )
-    release, vmlinuz = _kernel_release()
-    modules = _module_paths(release)
+    _need(str(busybox) if busybox else None, "busybox (package busybox-static)")
+    assert busybox is not None
+    release, vmlinuz = _kernel_release(the_peer)
+    modules = _module_paths(release, the_peer)
     inputs: list[str | Path] = [qga, busybox, vmlinuz, *(p for _, p in modules)]
-    inputs += _shared_libraries(qga) + _shared_libraries(busybox)
+    inputs += the_peer.shared_libraries(qga) + the_peer.shared_libraries(busybox)
     digest = hashlib.sha256(
         json.dumps(
             [_RECIPE_VERSION, INIT_SCRIPT, SHUTDOWN_SCRIPT, GUEST_MODULES, DATA_DISK_SIZE,
@@ -501,6 +586,7 @@ def build_guest_image(cache_dir: str | os.PathLike[str] | None = None) -> GuestI
         data_disk=entry / "data.qcow2",
         data2_disk=entry / "data2.qcow2",
         kernel_version=release,
+        peer=the_peer.name,
     )
     if (entry / "complete").exists():
         return image
@@ -516,13 +602,18 @@ def build_guest_image(cache_dir: str | os.PathLike[str] | None = None) -> GuestI
                 (tmp / "vmlinux").write_bytes(elf)
             else:  # no PVH ELF inside: boot the bzImage itself (slower, still works)
                 shutil.copyfile(vmlinuz, tmp / "vmlinux")
-            (tmp / "initrd.gz").write_bytes(_build_initrd(release, modules, qga, busybox))
-            _make_data_disk(tmp / "data.qcow2", "data", tmp)
-            _make_data_disk(tmp / "data2.qcow2", "data2", tmp)
-            # Old builds of other inputs are not needed any more.
+            (tmp / "initrd.gz").write_bytes(
+                _build_initrd(release, modules, qga, busybox, the_peer)
+            )
+            _make_data_disk(tmp / "data.qcow2", "data", tmp, the_peer)
+            _make_data_disk(tmp / "data2.qcow2", "data2", tmp, the_peer)
+            # Old builds of this peer's other inputs are not needed any more (other peers'
+            # builds are kept: both peers are tested in one run).
             for old in cache.iterdir():
-                if old.is_dir() and not old.name.startswith(".") and old != entry:
+                same_peer = old.is_dir() and _entry_peer(old) == the_peer.name
+                if same_peer and not old.name.startswith(".") and old != entry:
                     shutil.rmtree(old, ignore_errors=True)
+            (tmp / "peer").write_text(the_peer.name + "\n")
             (tmp / "complete").write_text(digest + "\n")
             if entry.exists():
                 shutil.rmtree(entry)
