@@ -30,6 +30,12 @@ def agent_version_prefix(guest: Guest | None = None) -> str:
     return f"{major}.{minor}."
 
 
+def frozen_reason(guest: Guest) -> str:
+    """How the peer's qemu-ga words a command refused while frozen (class CommandNotFound on
+    both: the library matches the class, the tests check the text)."""
+    return "the agent is in frozen state" if guest.qemu_version < (9, 1, 0) else "the command is not allowed"
+
+
 def unsupported_agent_commands(guest: Guest) -> list[str]:
     """Commands the peer's qemu-ga lists but disables on Linux (7.2); 10.0 does not build them."""
     return ["guest-get-devices"] if guest.qemu_version < (9, 1, 0) else []

@@ -7,7 +7,7 @@ import socket
 
 import anyio
 import pytest
-from peer_versions import agent_version_prefix
+from peer_versions import agent_version_prefix, frozen_reason
 
 from qmpagent import (
     AgentCommandError,
@@ -38,7 +38,7 @@ async def test_freeze_cycle_and_the_writer_gap(qemu_guest: Guest) -> None:
             with pytest.raises(AgentCommandError) as err:
                 await ga.fsfreeze_freeze()
             assert err.value.error_class == "CommandNotFound"
-            assert "frozen state" in err.value.desc
+            assert err.value.desc.endswith(frozen_reason(qemu_guest))
             # guest-info shows the freeze commands disabled while frozen.
             frozen_info = await ga.info()
             assert not frozen_info.is_enabled("guest-fsfreeze-freeze")
