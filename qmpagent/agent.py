@@ -30,12 +30,15 @@ import anyio
 from . import _addresses
 from .agent_protocol import (
     DEFAULT_MAX_REPLY_SIZE,
+    SMALL_REPLY_COMMANDS,
+    SMALL_REPLY_SIZE,
     AgentConnection,
     ErrorReply,
     NeedData,
     Reply,
     State,
     Synced,
+    Yield,
 )
 from .errors import (
     AgentCommandError,
@@ -66,14 +69,10 @@ NO_REPLY_COMMANDS: Final = frozenset(
 
 _READ_CHUNK: Final = 256 * 1024
 
-#: Commands whose replies are small by nature: a reply to them longer than this is an error
-#: (a hostile guest cannot make the client parse megabytes of JSON for a ping).
-_SMALL_REPLY_COMMANDS: Final = frozenset(
-    {"guest-ping", "guest-sync", "guest-fsfreeze-status", "guest-fsfreeze-freeze",
-     "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw", "guest-file-open", "guest-file-close",
-     "guest-exec", "guest-get-host-name", "guest-get-time"}
-)
-_SMALL_REPLY_SIZE: Final = 64 * 1024
+#: Commands whose replies are small by nature. The protocol core applies every command's own
+#: limit (:func:`~qmpagent.agent_protocol.reply_limit`); these names are kept for the code here.
+_SMALL_REPLY_COMMANDS: Final = SMALL_REPLY_COMMANDS
+_SMALL_REPLY_SIZE: Final = SMALL_REPLY_SIZE
 _FILE_READ_CHUNK: Final = 1024 * 1024
 
 
@@ -391,8 +390,13 @@ class GuestAgent:
             raise AgentUnavailable(f"writing to the agent failed: {exc}") from exc
 
     async def _next_event(self) -> Reply | ErrorReply | Synced:
+        # The protocol core works in bounded steps: between two, let the loop run other tasks
+        # (other VMs' freeze windows), however much a hostile guest sends in one read.
         while True:
             event = self._conn.next_event()
+            if isinstance(event, Yield):
+                await asyncio.sleep(0)
+                continue
             if not isinstance(event, NeedData):
                 return event
             try:

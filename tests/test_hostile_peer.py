@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from qmpagent import (
+    AgentProtocolError,
     GuestAgent,
     Monitor,
     MonitorProtocolError,
@@ -364,3 +365,52 @@ async def test_close_bound_must_be_a_number(fake: FakeQMPServer) -> None:
     for bad in (-1.0, "5", None, float("nan")):
         with pytest.raises(UsageError):
             await Monitor.connect(fake.address, close_timeout=bad)  # type: ignore[arg-type]
+# --- hole 10: per-command reply limits reach the wire ------------------------------------------
+
+
+async def test_a_big_guest_info_is_refused_and_the_agent_stays_usable() -> None:
+    from qmpagent.testing import AgentFault, FakeAgent
+
+    entry = b'{"name": "guest-ping", "enabled": true},'
+    body = b'{"return": {"version": "7.2", "supported_commands": [' + entry * 60_000
+    async with FakeAgent() as agent:
+        agent.inject("guest-info", AgentFault.garbage(body + entry[:-1] + b"]}}\n"))
+        async with await GuestAgent.connect(agent.address, timeout=5.0) as ga:
+            with pytest.raises(AgentProtocolError, match="guest-info"):
+                await ga.info()
+            await ga.ping()  # resynced, usable
+            assert (await ga.info()).version
+
+
+# --- hole 11: a hostile read does not stall the event loop --------------------------------------
+
+
+async def test_other_tasks_run_while_a_hostile_reply_is_processed() -> None:
+    """1 MiB of ``a\\xff`` (each 0xFF restarts the line) before the real reply: processed in
+    bounded steps with the loop running other tasks in between, not in a few long stalls."""
+    from qmpagent.testing import AgentFault, FakeAgent
+
+    hostile = b"a\xff" * (512 * 1024) + b'{"return": {}}\n'
+    async with FakeAgent() as agent:
+        agent.inject("guest-ping", AgentFault.garbage(hostile))
+        async with await GuestAgent.connect(agent.address, timeout=10.0) as ga:
+            ticks = 0
+            done = asyncio.Event()
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while not done.is_set():
+                    ticks += 1
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(ticker())
+            try:
+                await ga.ping()
+            finally:
+                done.set()
+                await task
+            steps = ga._conn.steps
+    # Every bounded step of the parser gave the ticker a turn: 1 MiB needs hundreds of steps
+    # (one read of 256 KiB used to be processed in one go: a handful of ticks in all).
+    assert steps >= len(hostile) // (64 * 1024)
+    assert ticks >= steps // 2, (ticks, steps)
