@@ -27,14 +27,18 @@ from typing import Any, Final
 
 import anyio
 
+from . import _addresses
 from .agent_protocol import (
     DEFAULT_MAX_REPLY_SIZE,
+    SMALL_REPLY_COMMANDS,
+    SMALL_REPLY_SIZE,
     AgentConnection,
     ErrorReply,
     NeedData,
     Reply,
     State,
     Synced,
+    Yield,
 )
 from .errors import (
     AgentCommandError,
@@ -53,6 +57,7 @@ __all__ = [
     "ExecResult",
     "FreezeStatus",
     "GuestAgent",
+    "check_address",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,14 +69,10 @@ NO_REPLY_COMMANDS: Final = frozenset(
 
 _READ_CHUNK: Final = 256 * 1024
 
-#: Commands whose replies are small by nature: a reply to them longer than this is an error
-#: (a hostile guest cannot make the client parse megabytes of JSON for a ping).
-_SMALL_REPLY_COMMANDS: Final = frozenset(
-    {"guest-ping", "guest-sync", "guest-fsfreeze-status", "guest-fsfreeze-freeze",
-     "guest-fsfreeze-freeze-list", "guest-fsfreeze-thaw", "guest-file-open", "guest-file-close",
-     "guest-exec", "guest-get-host-name", "guest-get-time"}
-)
-_SMALL_REPLY_SIZE: Final = 64 * 1024
+#: Commands whose replies are small by nature. The protocol core applies every command's own
+#: limit (:func:`~qmpagent.agent_protocol.reply_limit`); these names are kept for the code here.
+_SMALL_REPLY_COMMANDS: Final = SMALL_REPLY_COMMANDS
+_SMALL_REPLY_SIZE: Final = SMALL_REPLY_SIZE
 _FILE_READ_CHUNK: Final = 1024 * 1024
 
 
@@ -188,21 +189,48 @@ def _count(command: str, value: Any) -> int:
     return n
 
 
+def check_address(address: object) -> AgentAddress:
+    """Check an agent address without connecting: a unix socket path (``str``, ``bytes`` or
+    path-like; on Linux a leading NUL names an abstract socket), ``(host, port)`` with a port in
+    1..65535, or ``("vsock", cid, port)`` with an unsigned 32-bit CID and port.
+
+    Returns:
+        The address, normalised (a path-like becomes its path).
+
+    Raises:
+        UsageError: anything else, e.g. port 70000, a NUL inside a path, an unencodable path or
+            host name, a ``bool`` where a number belongs.
+    """
+    what = "agent address"
+    if isinstance(address, (str, bytes, os.PathLike)):
+        path = _addresses.unix_path(address, what)
+        return path if isinstance(path, str) else os.fsdecode(path)
+    if isinstance(address, tuple) and len(address) == 3 and address[0] == "vsock":
+        return (
+            "vsock",
+            _addresses.vsock_field(address[1], "cid", what),
+            _addresses.vsock_field(address[2], "port", what),
+        )
+    if isinstance(address, tuple) and len(address) == 2:
+        return (_addresses.host(address[0], what), _addresses.tcp_port(address[1], what))
+    raise UsageError(
+        f"bad agent address {address!r:.100}: expected a unix path, (host, port) or "
+        "('vsock', cid, port)"
+    )
+
+
 async def _open_stream(
     address: AgentAddress,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a checked address (see :func:`check_address`)."""
     limit = _READ_CHUNK
-    if isinstance(address, (str, os.PathLike)):
-        return await asyncio.open_unix_connection(os.fspath(address), limit=limit)
-    if isinstance(address, tuple) and len(address) == 2:
-        host, port = address
-        if not isinstance(host, str) or not isinstance(port, int):
-            raise UsageError(f"bad agent address {address!r}: expected (host, port)")
-        return await asyncio.open_connection(host, port, limit=limit)
-    if isinstance(address, tuple) and len(address) == 3 and address[0] == "vsock":
+    try:
+        if isinstance(address, (str, os.PathLike)):
+            return await asyncio.open_unix_connection(os.fspath(address), limit=limit)
+        if len(address) == 2:
+            host, port = address
+            return await asyncio.open_connection(host, port, limit=limit)
         _, cid, port = address
-        if not isinstance(cid, int) or not isinstance(port, int):
-            raise UsageError(f"bad agent address {address!r}: expected ('vsock', cid, port)")
         family = getattr(socket, "AF_VSOCK", None)
         if family is None:
             raise AgentUnavailable("this platform has no AF_VSOCK")
@@ -214,10 +242,9 @@ async def _open_stream(
             sock.close()
             raise
         return await asyncio.open_connection(sock=sock, limit=limit)
-    raise UsageError(
-        f"bad agent address {address!r}: expected a unix path, (host, port) or "
-        "('vsock', cid, port)"
-    )
+    except (ValueError, OverflowError) as exc:
+        # What check_address cannot foresee (the socket layer's own argument checks).
+        raise UsageError(f"bad agent address {address!r:.100}: {exc}") from exc
 
 
 class GuestAgent:
@@ -282,8 +309,10 @@ class GuestAgent:
 
         Raises:
             AgentUnavailable: cannot connect, or no answer to ``guest-sync-delimited``.
-            UsageError: a malformed address.
+            UsageError: a malformed address (see :func:`check_address`), before anything is
+                tried.
         """
+        address = check_address(address)
         name = str(address) if not isinstance(address, tuple) else ":".join(map(str, address))
         try:
             with anyio.fail_after(timeout):
@@ -361,8 +390,13 @@ class GuestAgent:
             raise AgentUnavailable(f"writing to the agent failed: {exc}") from exc
 
     async def _next_event(self) -> Reply | ErrorReply | Synced:
+        # The protocol core works in bounded steps: between two, let the loop run other tasks
+        # (other VMs' freeze windows), however much a hostile guest sends in one read.
         while True:
             event = self._conn.next_event()
+            if isinstance(event, Yield):
+                await asyncio.sleep(0)
+                continue
             if not isinstance(event, NeedData):
                 return event
             try:

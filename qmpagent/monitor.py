@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
 import os
 import secrets
 import sys
@@ -56,6 +57,7 @@ from qemu.qmp import (
 from qemu.qmp.error import QMPError
 from qemu.qmp.protocol import ConnectError
 
+from . import _addresses
 from .errors import (
     AgentUnavailable,
     EventOverflow,
@@ -71,6 +73,7 @@ from .timeouts import USE_CLIENT_DEFAULT, Timeout, deadline
 
 __all__ = [
     "AGENT_PORT_NAME",
+    "DEFAULT_CLOSE_TIMEOUT",
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_EVENT_QUEUE_SIZE",
@@ -96,8 +99,12 @@ DEFAULT_COMMAND_TIMEOUT: Final = 30.0
 #: The default bound of an :class:`EventStream`'s queue, in events.
 DEFAULT_EVENT_QUEUE_SIZE: Final = 1024
 
-# How long close() waits for qemu.qmp's disconnect (which flushes what is still queued).
-_CLOSE_TIMEOUT: Final = 5.0
+#: Seconds :meth:`Monitor.close` lets ``qemu.qmp``'s graceful disconnect (which flushes what is
+#: still queued) take before it aborts the connection.
+DEFAULT_CLOSE_TIMEOUT: Final = 5.0
+# After the graceful bound: how long the forced teardown (transport aborted, qemu.qmp's stuck
+# disconnect cancelled) may take in all. It takes milliseconds; this only bounds the pathological.
+_ABORT_GRACE: Final = 1.0
 
 # How often waits for the agent port re-read query-chardev when no VSERPORT_CHANGE arrives
 # (the event is rate-limited and coalesced by QEMU, and not sent at all for ports without an id).
@@ -639,21 +646,18 @@ class EventStream:
 
 
 def _address(address: object) -> str | tuple[str, int]:
+    what = "QMP address"
     if isinstance(address, (str, os.PathLike)):
         path = os.fspath(address)
         if isinstance(path, bytes):
             raise UsageError("a QMP socket path must be a str path, not bytes")
-        return path
-    if (
-        isinstance(address, tuple)
-        and len(address) == 2
-        and isinstance(address[0], str)
-        and isinstance(address[1], int)
-        and not isinstance(address[1], bool)
-    ):
-        return (address[0], address[1])
+        checked = _addresses.unix_path(path, what)
+        assert isinstance(checked, str)
+        return checked
+    if isinstance(address, tuple) and len(address) == 2:
+        return (_addresses.host(address[0], what), _addresses.tcp_port(address[1], what))
     raise UsageError(
-        f"a QMP address is a unix socket path or a (host, port) tuple, not {address!r}"
+        f"a QMP address is a unix socket path or a (host, port) tuple, not {address!r:.100}"
     )
 
 
@@ -671,6 +675,8 @@ class Monitor:
     Attributes:
         command_timeout: the default timeout, in seconds, of commands and waits
             (``None``: none).
+        close_timeout: how long, in seconds, :meth:`close` lets the graceful disconnect take
+            before it aborts the connection.
     """
 
     def __init__(
@@ -679,12 +685,15 @@ class Monitor:
         *,
         command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
         event_queue_size: int = DEFAULT_EVENT_QUEUE_SIZE,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         """Wrap a connected client; prefer :meth:`connect` or :meth:`from_client`.
 
         Raises:
-            UsageError: the client is not connected, or there is no running event loop.
+            UsageError: the client is not connected, there is no running event loop, or
+                ``close_timeout`` is not a number of seconds.
         """
+        close_timeout = _check_close_timeout(close_timeout)
         if client.runstate is not Runstate.RUNNING:
             raise UsageError(f"the QMPClient is not connected ({client.runstate.name})")
         try:
@@ -693,6 +702,7 @@ class Monitor:
             raise UsageError("a Monitor must be made inside a running event loop") from exc
         self._client = client
         self.command_timeout = command_timeout
+        self.close_timeout = close_timeout
         self._event_queue_size = event_queue_size
         self._name = client.name or "qmp"
         self._state = MonitorState.OPEN
@@ -717,6 +727,7 @@ class Monitor:
         command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
         event_queue_size: int = DEFAULT_EVENT_QUEUE_SIZE,
         name: str | None = None,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Monitor:
         """Connect to QEMU's QMP socket and negotiate capabilities.
 
@@ -726,14 +737,18 @@ class Monitor:
             command_timeout: the default timeout of commands and waits (``None``: none).
             event_queue_size: the default bound of :meth:`listen` queues.
             name: a name for log messages (``qemu.qmp`` logs under ``qemu.qmp.protocol.NAME``).
+            close_timeout: see :meth:`close`.
 
         Raises:
             MonitorUnavailable: the socket cannot be reached, or QEMU hung up or did not
                 speak QMP.
             MonitorTimeout: QEMU did not complete the handshake within ``timeout``.
-            UsageError: ``address`` is neither a path nor a ``(host, port)`` tuple.
+            UsageError: ``address`` is neither a path nor a ``(host, port)`` tuple (or a port
+                outside 1..65535, a NUL in a path, an unencodable path or host), or
+                ``close_timeout`` is not a number of seconds; raised before connecting.
         """
         addr = _address(address)
+        close_timeout = _check_close_timeout(close_timeout)
         client = QMPClient(name)
         client.events.event_filter = _reject_all
         try:
@@ -746,7 +761,8 @@ class Monitor:
         except (QMPError, OSError, EOFError) as exc:  # pragma: no cover - ConnectError wraps these
             raise MonitorUnavailable(f"cannot connect to QMP at {addr!r}: {exc!r}") from exc
         log.debug("connected to QMP at %r", addr)
-        return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size)
+        return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size,
+                   close_timeout=close_timeout)
 
     @classmethod
     def from_client(
@@ -755,6 +771,7 @@ class Monitor:
         *,
         command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
         event_queue_size: int = DEFAULT_EVENT_QUEUE_SIZE,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> Monitor:
         """Wrap an already-connected :class:`qemu.qmp.QMPClient`.
 
@@ -766,7 +783,8 @@ class Monitor:
         Raises:
             UsageError: the client is not connected, or there is no running event loop.
         """
-        return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size)
+        return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size,
+                   close_timeout=close_timeout)
 
     def __repr__(self) -> str:
         return f"<Monitor {self._name} {self._state.value}>"
@@ -822,6 +840,13 @@ class Monitor:
         """Close the connection. Idempotent; pending commands and streams get
         :class:`~qmpagent.MonitorUnavailable`.
 
+        Bounded: ``qemu.qmp``'s graceful disconnect flushes what is still queued, which never
+        ends if QEMU stopped reading; after :attr:`close_timeout` seconds the connection is
+        aborted (queued writes are dropped) and the disconnect cut short. Either way, when this
+        returns the socket is closed and no task of the monitor or of its ``qemu.qmp`` client is
+        left running. A cancellation of the caller only stops the wait: the same bounded
+        teardown completes on its own.
+
         Raises nothing for connection errors (a lost connection is already closed).
         """
         if self._state is not MonitorState.CLOSED:
@@ -829,15 +854,16 @@ class Monitor:
             self._fail_streams("the monitor was closed")
         reap = self._start_reap()
         try:
-            # The disconnect runs in a task of its own, which a cancellation of the caller does
-            # not touch (a half-cancelled qemu.qmp disconnect leaves exceptions unretrieved):
-            # the caller just stops waiting. Bounded too: a hung QEMU that stops reading would
-            # keep qemu.qmp's disconnect flushing forever.
-            await self._wait_reaped(reap)
+            # The teardown runs in a task of its own, which a cancellation of the caller does
+            # not touch (a half-cancelled qemu.qmp disconnect leaves exceptions unretrieved).
+            await asyncio.wait({reap})
         finally:
             self._deadlines.close()
-            if not self._watcher.done():
-                self._watcher.cancel()
+            watcher = self._watcher
+            if not watcher.done():
+                watcher.cancel()
+                # It ends at its next step; do not return with it still pending.
+                await asyncio.wait({watcher}, timeout=_ABORT_GRACE)
 
     async def _watch(self) -> None:
         # Notice a lost connection at once, fail everything waiting, and reap the client so
@@ -852,26 +878,65 @@ class Monitor:
         self._fail_streams("the QMP connection was lost (QEMU exited or closed the socket)")
         await asyncio.shield(self._start_reap())
 
-    async def _wait_reaped(self, reap: asyncio.Task[None]) -> None:
-        done, _ = await asyncio.wait({reap}, timeout=_CLOSE_TIMEOUT)
-        if not done:
-            log.warning(
-                "QMP connection %s: QEMU did not let the connection close within %gs; "
-                "abandoned", self._name, _CLOSE_TIMEOUT,
-            )
-
     def _start_reap(self) -> asyncio.Task[None]:
         if self._reap_task is None:
-            self._reap_task = asyncio.get_running_loop().create_task(self._reap())
+            self._reap_task = asyncio.get_running_loop().create_task(
+                self._reap(), name=f"qmpagent-monitor-close-{self._name}"
+            )
         return self._reap_task
 
     async def _reap(self) -> None:
-        try:
-            await self._client.disconnect()
-        except Exception as exc:  # the reason the connection ended: EOFError, OSError, ...
+        """Disconnect the client, bounded by :attr:`close_timeout` plus a short forced teardown;
+        never raises."""
+        loop = asyncio.get_running_loop()
+        disconnect = loop.create_task(self._client.disconnect())
+        done, _ = await asyncio.wait({disconnect}, timeout=self.close_timeout)
+        if not done:
+            log.warning(
+                "QMP connection %s: the graceful disconnect did not finish within %gs "
+                "(QEMU stopped reading?); aborting the connection", self._name, self.close_timeout,
+            )
+            done = await self._force_disconnect(disconnect)
+        if not done:  # pragma: no cover - only if qemu.qmp ignores both the abort and the cancel
+            log.error("QMP connection %s: the disconnect could not be ended", self._name)
+            disconnect.add_done_callback(_retrieve)
+            return
+        if disconnect.cancelled():
+            return
+        exc = disconnect.exception()
+        if exc is not None:  # the reason the connection ended: EOFError, OSError, ...
             if self._cause is None:
                 self._cause = exc
             log.debug("QMP connection %s ended: %r", self._name, exc)
+
+    async def _force_disconnect(self, disconnect: asyncio.Task[None]) -> set[asyncio.Task[None]]:
+        """Cut short a disconnect that is stuck flushing to a peer that does not read."""
+        until = asyncio.get_running_loop().time() + _ABORT_GRACE
+
+        def left() -> float:
+            return max(0.0, until - asyncio.get_running_loop().time())
+
+        # 1. Abort the transport: the socket is closed at once, queued bytes dropped, and the
+        #    writer's drain() returns or fails instead of waiting for the peer.
+        writer = getattr(self._client, "_writer", None)
+        if writer is not None:
+            writer.transport.abort()
+        done, _ = await asyncio.wait({disconnect}, timeout=min(left(), 0.1))
+        if done:
+            return done
+        # 2. qemu.qmp's disconnect may still wait for its outgoing queue to drain (messages
+        #    that will never be written now): cancel it; its own clean-up still cancels and
+        #    awaits the reader and writer tasks and closes the stream.
+        dc_task = getattr(self._client, "_dc_task", None)
+        if isinstance(dc_task, asyncio.Future) and not dc_task.done():
+            dc_task.cancel()
+        done, _ = await asyncio.wait({disconnect}, timeout=left())
+        if done:
+            return done
+        # 3. Last resort: stop waiting for it.
+        disconnect.cancel()  # pragma: no cover - see _reap
+        done, _ = await asyncio.wait({disconnect}, timeout=left())  # pragma: no cover
+        return done  # pragma: no cover
 
     def _fail_streams(self, message: str) -> None:
         for stream in list(self._streams):
@@ -1258,14 +1323,12 @@ class Monitor:
         return ports
 
     async def _chardev_states(self) -> dict[str, bool]:
-        chardevs = await self.execute("query-chardev")
-        if not isinstance(chardevs, list):
-            raise MonitorProtocolError(f"query-chardev: expected a list, got {type(chardevs).__name__}")
-        return {
-            cd["label"]: cd.get("frontend-open") is True
-            for cd in chardevs
-            if isinstance(cd, dict) and isinstance(cd.get("label"), str)
-        }
+        what = "query-chardev"
+        states = {}
+        for cd in _entries(what, await self.execute(what)):
+            label = _member(what, cd, "label", str, required=True)
+            states[label] = _member(what, cd, "frontend-open", bool) is True
+        return states
 
     async def _agent_port_info(self, chardev: str | None) -> VirtioSerialPort:
         fresh = self._ports is None
@@ -1376,64 +1439,62 @@ class Monitor:
         """All named block nodes (``query-named-block-nodes``, ``flat`` where supported).
 
         Raises:
-            MonitorError: the query failed or its reply is malformed.
+            MonitorProtocolError: the reply is not a list of ``BlockDeviceInfo`` objects, or a
+                member has the wrong type.
+            MonitorError: the query failed (see :meth:`execute`).
         """
+        what = "query-named-block-nodes"
         nodes: Any = None
         if self._flat_nodes:
             try:
-                nodes = await self.execute("query-named-block-nodes", {"flat": True})
+                nodes = await self.execute(what, {"flat": True})
             except MonitorCommandError as exc:
                 if exc.error_class != "GenericError" or "flat" not in exc.desc:
                     raise
                 self._flat_nodes = False  # QEMU < 5.0
         if not self._flat_nodes:
-            nodes = await self.execute("query-named-block-nodes")
-        if not isinstance(nodes, list):
-            raise MonitorProtocolError("query-named-block-nodes: expected a list")
+            nodes = await self.execute(what)
         result = []
-        for raw in nodes:
-            try:
-                image = raw.get("image") or {}
-                size = image.get("virtual-size")
-                result.append(BlockNode(
-                    node_name=str(raw["node-name"]),
-                    driver=str(raw["drv"]),
-                    filename=str(raw.get("file", "")),
-                    backing_file=raw.get("backing_file") or None,
-                    read_only=bool(raw.get("ro", False)),
-                    format=image.get("format"),
-                    virtual_size=size if isinstance(size, int) else None,
-                    raw=raw,
-                ))
-            except (AttributeError, KeyError, TypeError) as exc:
-                raise MonitorProtocolError(f"query-named-block-nodes: malformed entry {raw!r}") from exc
+        for raw in _entries(what, nodes):
+            image = _member(what, raw, "image", dict)
+            if image is None:
+                image = {}
+            result.append(BlockNode(
+                node_name=_member(what, raw, "node-name", str, required=True),
+                driver=_member(what, raw, "drv", str, required=True),
+                filename=_member(what, raw, "file", str) or "",
+                backing_file=_member(what, raw, "backing_file", str) or None,
+                read_only=bool(_member(what, raw, "ro", bool)),
+                format=_member(what + " image", image, "format", str),
+                virtual_size=_member(what + " image", image, "virtual-size", int),
+                raw=raw,
+            ))
         return result
 
     async def block_devices(self) -> list[BlockDevice]:
         """All block backends (``query-block``).
 
         Raises:
-            MonitorError: the query failed or its reply is malformed.
+            MonitorProtocolError: the reply is not a list of ``BlockInfo`` objects, or a member
+                has the wrong type.
+            MonitorError: the query failed (see :meth:`execute`).
         """
-        entries = await self.execute("query-block")
-        if not isinstance(entries, list):
-            raise MonitorProtocolError("query-block: expected a list")
+        what = "query-block"
         result = []
-        for raw in entries:
-            try:
-                inserted = raw.get("inserted") or {}
-                qdev = raw.get("qdev") or None
-                result.append(BlockDevice(
-                    device=raw.get("device") or None,
-                    qdev=qdev,
-                    qdev_id=_qdev_id(qdev),
-                    node_name=inserted.get("node-name"),
-                    filename=inserted.get("file"),
-                    driver=inserted.get("drv"),
-                    raw=raw,
-                ))
-            except (AttributeError, TypeError) as exc:
-                raise MonitorProtocolError(f"query-block: malformed entry {raw!r}") from exc
+        for raw in _entries(what, await self.execute(what)):
+            inserted = _member(what, raw, "inserted", dict)
+            if inserted is None:
+                inserted = {}
+            qdev = _member(what, raw, "qdev", str) or None
+            result.append(BlockDevice(
+                device=_member(what, raw, "device", str) or None,
+                qdev=qdev,
+                qdev_id=_qdev_id(qdev),
+                node_name=_member(what + " inserted", inserted, "node-name", str),
+                filename=_member(what + " inserted", inserted, "file", str),
+                driver=_member(what + " inserted", inserted, "drv", str),
+                raw=raw,
+            ))
         return result
 
     async def device_node_name(self, device: str) -> str:
@@ -1446,8 +1507,12 @@ class Monitor:
         Raises:
             MonitorCommandError: no such device (``error_class`` ``"DeviceNotFound"``), or it
                 has no medium (``"GenericError"``).
+            MonitorProtocolError: ``query-block`` answered with members of the wrong type.
             MonitorError: the query failed.
+            UsageError: ``device`` is not a string.
         """
+        if not isinstance(device, str):
+            raise UsageError(f"device must be a string, not {type(device).__name__}")
         def matches(dev: BlockDevice) -> bool:
             if device in (dev.qdev_id, dev.qdev, dev.device):
                 return True
@@ -1466,6 +1531,50 @@ class Monitor:
         raise MonitorCommandError(
             "query-block", "DeviceNotFound", f"no block device {device!r}"
         )
+
+
+def _check_close_timeout(value: object) -> float:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise UsageError(f"close_timeout must be a finite number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+def _brief(value: object, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _entries(what: str, reply: object) -> list[dict[str, Any]]:
+    """A query's reply that must be a list of JSON objects."""
+    if not isinstance(reply, list):
+        raise MonitorProtocolError(f"{what}: expected a list, got {type(reply).__name__}")
+    for entry in reply:
+        if not isinstance(entry, dict):
+            raise MonitorProtocolError(f"{what}: expected objects in the list, got {_brief(entry)}")
+    return reply
+
+
+def _member(
+    what: str, obj: Mapping[str, Any], key: str, kind: type, *, required: bool = False
+) -> Any:
+    """``obj[key]`` if it has the type QEMU's schema gives it; ``None`` if it is absent and
+    optional. A ``bool`` is never taken for an ``int``, nor ``null`` for an absent member."""
+    if key not in obj:
+        if required:
+            raise MonitorProtocolError(f"{what}: an entry has no {key!r}: {_brief(obj)}")
+        return None
+    value = obj[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MonitorProtocolError(
+            f"{what}: {key!r} should be {kind.__name__}, got {type(value).__name__} "
+            f"in {_brief(obj)}"
+        )
+    return value
 
 
 def _qdev_id(qdev: object) -> str | None:

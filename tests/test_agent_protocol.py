@@ -14,6 +14,7 @@ import qmpagent.agent_protocol as proto
 from qmpagent import AgentProtocolError, AgentUnavailable, UsageError
 from qmpagent.agent_protocol import (
     NEED_DATA,
+    YIELD,
     AgentConnection,
     ErrorReply,
     Reply,
@@ -32,7 +33,8 @@ def reply(value: object, rid: int) -> bytes:
 def events(conn: AgentConnection) -> list[object]:
     out = []
     while (ev := conn.next_event()) is not NEED_DATA:
-        out.append(ev)
+        if ev is not YIELD:  # the core stopped to bound its work: call again
+            out.append(ev)
     return out
 
 
