@@ -659,7 +659,8 @@ class _Operation:
         except (AttributeError, KeyError, TypeError) as exc:
             # query-block members of the wrong type, met while the monitor parsed them
             err = MonitorProtocolError(f"query-block: a malformed entry ({exc!r})")
-            raise self._fail(f"preflight: cannot resolve device {key!r}: {err}", err) from exc
+            err.__cause__ = exc
+            raise self._fail(f"preflight: cannot resolve device {key!r}: {err}", err) from err
         if not isinstance(node, str):
             err = MonitorProtocolError(f"query-block: node-name of {key!r} is not a string: {node!r:.100}")
             raise self._fail(f"preflight: {err}", err)
