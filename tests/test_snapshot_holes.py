@@ -346,11 +346,9 @@ async def test_6_anyio_cancel_during_prepare_leaves_no_job_node_or_file(disks: i
                 tg.start_soon(cancel_when_sent)
                 await orch.snapshot(snap(vm), quiesce="off")
         assert scope.cancelled_caught
-        # Right at return, not "eventually": nothing of ours is left, nothing still runs.
+        # Right at return, not "eventually": nothing of ours is left (a job clean-up still
+        # running behind the caller's back would still have its job in QEMU).
         assert_clean(vm)
-        n = len(vm.qmp.commands())
-        await asyncio.sleep(0.3)  # (only to show that nothing else arrives)
-        assert len(vm.qmp.commands()) == n
 
 
 # ------------------------------------------------------------------- 7: lost or late freeze replies
