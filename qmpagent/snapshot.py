@@ -383,10 +383,16 @@ class SnapshotOrchestrator:
         if not isinstance(disks, Mapping) or not disks:
             raise UsageError("disks must be a non-empty mapping of node name to overlay path")
         paths: dict[str, str] = {}
+        seen: set[tuple[object, ...]] = set()
         for key, path in disks.items():
             if not isinstance(key, str):
                 raise UsageError(f"bad disk entry {key!r}: {path!r} (expected str: path)")
-            paths[key] = _overlay_path(key, path)
+            paths[key] = checked = _overlay_path(key, path)
+            ids = _path_identities(checked)
+            if ids & seen:
+                raise UsageError(f"overlay {checked!r} is the same file as another disk's overlay")
+            seen |= ids
+            _check_absent(checked)
         async with self._busy:
             op = _Operation(self, mode, timeout, on_phase, timeouts)
             return await op.run(paths)
@@ -411,6 +417,8 @@ async def _all_or_none(coros: list[Coroutine[Any, Any, None]]) -> None:
     anyio cancel scope) cancels each of them once. Either way every one of them has finished
     (its own clean-up, e.g. a job's cancel and dismiss, included) before this returns or
     raises: nothing goes on behind the caller's back. Each must bound its own duration."""
+    if not coros:
+        return
     tasks = [asyncio.ensure_future(c) for c in coros]
     interrupted: BaseException | None = None
     try:
@@ -617,7 +625,6 @@ class _Operation:
         except MonitorError as exc:
             raise self._fail(f"preflight: cannot query QEMU: {exc}", exc) from exc
         self.vm_running = isinstance(status, dict) and status.get("status") == "running"
-        seen: set[tuple[object, ...]] = set()
         for i, (key, path) in enumerate(disks.items()):
             node = await self._resolve_node(key, nodes)
             base = nodes.get(node)
@@ -629,13 +636,9 @@ class _Operation:
                 raise self._fail(f"preflight: {exc}", exc) from exc
             if any(o.node == node for o in self.overlays):
                 raise UsageError(f"disk {key!r} given twice")
-            ids = _path_identities(path)
-            if ids & seen:
-                raise UsageError(f"overlay {path!r} is the same file as another disk's overlay")
-            _check_absent(path)
+            _check_absent(path)  # again: just before it is made
             if base.virtual_size is None:
                 raise UsageError(f"block node {node!r} reports no virtual size")
-            seen |= ids
             self.overlays.append(
                 _Overlay(
                     node=node,
