@@ -40,7 +40,16 @@ from .monitor import (
     QMPEvent,
     VirtioSerialPort,
 )
-from .snapshot import FreezeOwner, PhaseTimings, Quiesce, SnapshotOrchestrator, SnapshotResult
+from .snapshot import (
+    FreezeOwner,
+    FreezeState,
+    Phase,
+    PhaseTimings,
+    Quiesce,
+    SnapshotOrchestrator,
+    SnapshotResult,
+    TransactionState,
+)
 from .timeouts import USE_CLIENT_DEFAULT, Timeout, UseClientDefault
 
 __version__ = "0.1.0"
@@ -61,6 +70,7 @@ __all__ = [
     "EventStream",
     "ExecResult",
     "FreezeOwner",
+    "FreezeState",
     "FreezeStatus",
     "GuestAgent",
     "JobError",
@@ -72,6 +82,7 @@ __all__ = [
     "MonitorState",
     "MonitorTimeout",
     "MonitorUnavailable",
+    "Phase",
     "PhaseTimings",
     "QMPAgentError",
     "QMPEvent",
@@ -82,6 +93,7 @@ __all__ = [
     "SnapshotResult",
     "ThawError",
     "Timeout",
+    "TransactionState",
     "UsageError",
     "UseClientDefault",
     "VirtioSerialPort",

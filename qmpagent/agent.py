@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -182,10 +182,17 @@ def _expect(command: str, value: Any, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+_INT64_MAX: Final = 2**63 - 1
+
+
 def _count(command: str, value: Any) -> int:
+    """A filesystem count from the guest: an int in 0..int64 max (what QAPI's ``int`` holds),
+    else AgentProtocolError."""
     n: int = _expect(command, value, int)
     if n < 0:
         raise AgentProtocolError(f"{command}: negative count {n}")
+    if n > _INT64_MAX:
+        raise AgentProtocolError(f"{command}: count {n:.3g} is out of range (not an int64)")
     return n
 
 
@@ -377,13 +384,17 @@ class GuestAgent:
     def _timeout(self, timeout: Timeout) -> float | None:
         return resolve_timeout(timeout, self.timeout)
 
-    async def _send(self, data: bytes, command: str | None = None) -> None:
+    async def _send(
+        self, data: bytes, command: str | None = None, on_sent: Callable[[], None] | None = None
+    ) -> None:
         try:
             self._writer.write(data)
             if command is not None:
                 # Handed to the transport: it goes out even if we are cancelled in drain().
                 self.requests_written += 1
                 self.last_written = command
+                if on_sent is not None:
+                    on_sent()  # this call's request, and no one else's (see execute)
             await self._writer.drain()
         except (OSError, RuntimeError) as exc:
             self._conn.receive_eof()
@@ -416,13 +427,17 @@ class GuestAgent:
         if not isinstance(event, Synced):  # pragma: no cover - the protocol only yields Synced
             raise AgentProtocolError(f"unexpected event while syncing: {event!r}")
 
-    async def _exchange(self, command: str, arguments: dict[str, Any] | None) -> Any:
+    async def _exchange(
+        self, command: str, arguments: dict[str, Any] | None, on_sent: Callable[[], None] | None
+    ) -> Any:
         if not self._conn.in_sync:
             await self._sync_locked()
         limit = self._conn.max_reply_size
         if command in _SMALL_REPLY_COMMANDS:
             limit = min(limit, _SMALL_REPLY_SIZE)
-        await self._send(self._conn.send_command(command, arguments, max_reply_size=limit), command)
+        await self._send(
+            self._conn.send_command(command, arguments, max_reply_size=limit), command, on_sent
+        )
         event = await self._next_event()
         if isinstance(event, Reply):
             return event.value
@@ -430,7 +445,14 @@ class GuestAgent:
             raise AgentCommandError(command, event.error_class, event.desc)
         raise AgentProtocolError(f"unexpected event for {command!r}: {event!r}")  # pragma: no cover
 
-    async def _call(self, command: str, arguments: dict[str, Any] | None, timeout: Timeout) -> Any:
+    async def _call(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None,
+        timeout: Timeout,
+        *,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Any:
         if self._closed:
             raise AgentUnavailable("the agent connection is closed")
         limit = self._timeout(timeout)
@@ -438,7 +460,7 @@ class GuestAgent:
         try:
             async with deadline(limit), self._lock:
                     try:
-                        result = await self._exchange(command, arguments)
+                        result = await self._exchange(command, arguments, on_sent)
                         done = True
                         return result
                     finally:
@@ -457,12 +479,23 @@ class GuestAgent:
     # --- generic commands -----------------------------------------------------------------
 
     async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        on_sent: Callable[[], None] | None = None,
     ) -> Any:
         """Run an agent command and return its ``return`` value.
 
         Commands that send no reply on success (``guest-shutdown``, ``guest-suspend-*``) return
         ``None`` once sent; see :meth:`execute_no_reply`.
+
+        ``on_sent``, if given, is called (synchronously, once, and only for this call) right
+        after this command's request bytes were handed to the transport: from then on the
+        request reaches the agent even if the call times out or is cancelled. A call that fails
+        without having called it never sent its request. It must not raise or block. (Unlike
+        :attr:`requests_written`, it cannot be confused by another caller on this connection.)
 
         Raises:
             AgentCommandError: the agent answered with an error.
@@ -474,14 +507,20 @@ class GuestAgent:
         if not isinstance(command, str):
             raise UsageError("command must be a string")
         if command in NO_REPLY_COMMANDS:
-            await self.execute_no_reply(command, arguments, timeout=timeout)
+            await self.execute_no_reply(command, arguments, timeout=timeout, on_sent=on_sent)
             return None
-        return await self._call(command, arguments, timeout)
+        return await self._call(command, arguments, timeout, on_sent=on_sent)
 
     async def execute_no_reply(
-        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
-        """Send a command that sends no reply on success; return once it is sent.
+        """Send a command that sends no reply on success; return once it is sent
+        (``on_sent``: as in :meth:`execute`).
 
         The channel is synced first if needed, and is resynced before the next command: an
         error reply the agent may still send is then dropped as stale.
@@ -501,6 +540,7 @@ class GuestAgent:
                         await self._send(
                             self._conn.send_command(command, arguments, expect_reply=False),
                             command,
+                            on_sent,
                         )
                     except BaseException:
                         self._conn.abandon()
@@ -561,18 +601,25 @@ class GuestAgent:
             raise AgentProtocolError(f"guest-fsfreeze-status: unknown status {value!r:.100}") from exc
 
     async def fsfreeze_freeze(
-        self, mountpoints: Sequence[str] | None = None, timeout: Timeout = USE_CLIENT_DEFAULT
+        self,
+        mountpoints: Sequence[str] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        *,
+        on_sent: Callable[[], None] | None = None,
     ) -> int:
         """Freeze the guest's filesystems (``guest-fsfreeze-freeze``), or only ``mountpoints``
         (``guest-fsfreeze-freeze-list``). Returns how many filesystems this call froze; a
         filesystem already frozen by another tool in the guest is not counted.
+
+        ``on_sent`` (see :meth:`execute`) tells whether *this* freeze request left: a call that
+        failed without calling it froze nothing.
 
         Raises:
             AgentCommandError: e.g. ``CommandNotFound`` when already frozen via the agent.
             AgentTimeout: no reply in time: the guest MAY be frozen (check the status).
         """
         if mountpoints is None:
-            value = await self._call("guest-fsfreeze-freeze", None, timeout)
+            value = await self._call("guest-fsfreeze-freeze", None, timeout, on_sent=on_sent)
             return _count("guest-fsfreeze-freeze", value)
         if (
             isinstance(mountpoints, str)
@@ -581,7 +628,8 @@ class GuestAgent:
         ):
             raise UsageError("mountpoints must be a sequence of strings")
         value = await self._call(
-            "guest-fsfreeze-freeze-list", {"mountpoints": list(mountpoints)}, timeout
+            "guest-fsfreeze-freeze-list", {"mountpoints": list(mountpoints)}, timeout,
+            on_sent=on_sent,
         )
         return _count("guest-fsfreeze-freeze-list", value)
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .snapshot_state import FreezeOwner, FreezeState, Phase, TransactionState
+
 __all__ = [
     "AgentCommandError",
     "AgentError",
@@ -167,10 +169,11 @@ class SnapshotRecord:
     """What a snapshot operation did before it failed (see :class:`SnapshotError`).
 
     Attributes:
-        phase: the phase that failed (``"preflight"``, ``"prepare"``, ``"freeze"``,
-            ``"transaction"``, ``"thaw"``, ``"cleanup"``).
-        freeze_owner: ``"self"`` if this operation froze the guest, ``"external"`` if it was
-            frozen beforehand by someone else, else ``None``.
+        phase: the phase that failed, a :class:`~qmpagent.Phase` (a str enum: ``"preflight"``,
+            ``"prepare"``, ``"freeze"``, ``"transaction"``, ``"thaw"``, ``"cleanup"``).
+        freeze_owner: :attr:`FreezeOwner.SELF <qmpagent.FreezeOwner>` (``"self"``) if this
+            operation froze the guest, ``EXTERNAL`` (``"external"``) if it was frozen
+            beforehand by someone else, else ``None``.
         frozen: filesystems this operation froze.
         thawed: filesystems this operation thawed.
         overlays_added: overlay node names attached by this operation.
@@ -180,10 +183,16 @@ class SnapshotRecord:
         snapshot_taken: whether the ``transaction`` was committed: True, False, or None when
             its outcome could not be learned (QEMU stopped answering after it was sent): then
             the VM may run on the overlays, which were left in place.
+        freeze_state: where the freeze ended (a :class:`~qmpagent.FreezeState`), e.g.
+            ``THAWED``, ``NOT_FROZEN`` or ``THAW_FAILED``.
+        transaction_state: where the transaction ended (a :class:`~qmpagent.TransactionState`).
+
+    The orchestrator writes it from its state as it goes (one writer); the counts, the owner and
+    ``snapshot_taken`` are derived from ``freeze_state`` and ``transaction_state``.
     """
 
-    phase: str = "preflight"
-    freeze_owner: str | None = None
+    phase: Phase = Phase.PREFLIGHT
+    freeze_owner: FreezeOwner | None = None
     frozen: int = 0
     thawed: int = 0
     overlays_added: list[str] = field(default_factory=list)
@@ -191,6 +200,8 @@ class SnapshotRecord:
     files_created: list[str] = field(default_factory=list)
     files_removed: list[str] = field(default_factory=list)
     snapshot_taken: bool | None = False
+    freeze_state: FreezeState = FreezeState.NOT_TRIED
+    transaction_state: TransactionState = TransactionState.NOT_SENT
 
 
 class SnapshotError(QMPAgentError):

@@ -2,23 +2,32 @@
 
 The order, and why (docs/design.md section 2):
 
-1. **Preflight**, before anything is changed: the VM is running; the block nodes exist; and,
-   unless ``quiesce="off"``, the agent's virtio-serial port is open in the guest (QMP
+1. **Preflight**, before anything is changed: the arguments and every timeout are valid; the VM
+   is running; the block nodes exist; the overlay files do not, and no two of them are one file;
+   and, unless ``quiesce="off"``, the agent's virtio-serial port is open in the guest (QMP
    ``query-chardev``), the channel is in sync (``guest-sync-delimited`` with a fresh random id),
    the agent answers ``guest-ping``, ``guest-fsfreeze-status`` says ``thawed`` (``frozen`` means
    someone else froze it: we snapshot without freezing and never thaw), and ``guest-info`` lists
    the freeze commands as enabled. Any failure: no freeze is attempted.
 2. **Prepare**: every overlay is created (``blockdev-create`` jobs, qcow2 with the current image
    recorded as its backing file) and attached (``blockdev-add``, ``backing: null``) *before* the
-   freeze, so the freeze window holds nothing that can wait.
-3. **Freeze** (``guest-fsfreeze-freeze``). Only a freeze that returned a count > 0 is ours. A
-   freeze whose reply timed out is resolved by resync + ``guest-fsfreeze-status``: frozen (it was
-   thawed at preflight) means ours.
+   freeze, so the freeze window holds nothing that can wait. The steps run as one task group:
+   none is still running when the snapshot returns or cleans up.
+3. **Freeze** (``guest-fsfreeze-freeze``, its reply awaited for at most ``freeze_timeout``). Only
+   a freeze that returned a count > 0 is ours. A freeze whose request was written (known per
+   call, never from the connection's counters) but whose reply was lost is resolved by resync +
+   ``guest-fsfreeze-status``: frozen (it was thawed at preflight) means ours.
 4. **Transaction**: one QMP ``transaction`` of ``blockdev-snapshot`` actions, atomic across all
-   disks, bounded by what is left of ``freeze_timeout``.
-5. **Thaw**, if and only if this operation froze something, on every exit path (error, deadline,
-   cancellation of the caller), shielded from cancellation and bounded by its own timeout. A thaw
-   that fails raises :class:`~qmpagent.ThawError`: the guest may still be frozen.
+   disks, bounded by what is left of ``freeze_timeout`` counted from when the freeze request was
+   written. A freeze of someone else's is re-read right before it: if it is gone, the snapshot is
+   not quiesced.
+5. **Thaw**, if and only if this operation froze something (or may have: a lost reply not yet
+   resolved), on every exit path (error, deadline, cancellation of the caller, an ``on_phase``
+   that raises), shielded from cancellation and bounded, every step in it, by ``thaw_timeout``.
+   A thaw that fails raises :class:`~qmpagent.ThawError`: the guest may still be frozen.
+
+The state of a run is two small state machines (:mod:`qmpagent.snapshot_state`); the record of
+a failure and the result of a success are derived from them.
 
 A failed snapshot leaves the VM on its original images and detaches the overlays it attached and
 removes the files it created.
@@ -30,6 +39,8 @@ import asyncio
 import contextlib
 import enum
 import logging
+import math
+import numbers
 import os
 import secrets
 import sys
@@ -47,6 +58,7 @@ from .errors import (
     AgentError,
     MonitorCommandError,
     MonitorError,
+    MonitorProtocolError,
     MonitorTimeout,
     MonitorUnavailable,
     QMPAgentError,
@@ -56,14 +68,24 @@ from .errors import (
     UsageError,
 )
 from .monitor import BlockNode, Monitor
+from .snapshot_state import (
+    FreezeOwner,
+    FreezeState,
+    Phase,
+    SnapshotState,
+    TransactionState,
+)
 
 __all__ = [
     "FreezeOwner",
+    "FreezeState",
+    "Phase",
     "PhaseCallback",
     "PhaseTimings",
     "Quiesce",
     "SnapshotOrchestrator",
     "SnapshotResult",
+    "TransactionState",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,7 +94,8 @@ log = logging.getLogger(__name__)
 FREEZE_COMMANDS: Final = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
 
 
-#: ``on_phase(name, seconds)``: ``seconds`` is None when the phase starts, its duration at the end.
+#: ``on_phase(name, seconds)``: ``seconds`` is None when the phase starts, its duration at the
+#: end; ``name`` is a :class:`Phase` (a str enum: ``"preflight"``, ``"prepare"``, ...).
 PhaseCallback = Callable[[str, float | None], None]
 
 
@@ -85,15 +108,6 @@ class Quiesce(str, enum.Enum):
     PREFERRED = "preferred"
     #: Never talk to the agent: a crash-consistent snapshot.
     OFF = "off"
-
-
-class FreezeOwner(str, enum.Enum):
-    """Who froze the guest's filesystems while the snapshot was taken."""
-
-    #: This operation froze them (and thawed them).
-    SELF = "self"
-    #: They were frozen beforehand by someone else; they were left frozen.
-    EXTERNAL = "external"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +128,15 @@ class SnapshotResult:
     """What :meth:`SnapshotOrchestrator.snapshot` did.
 
     Attributes:
-        quiesced: the filesystems were frozen while the transaction ran.
-        freeze_owner: ``"self"``, ``"external"`` (a :class:`FreezeOwner`) or None.
+        quiesced: the filesystems were frozen (by us, or by someone else and re-checked right
+            before it) while the transaction ran.
+        freeze_owner: ``"self"``, ``"external"`` (a :class:`FreezeOwner` value) or None: who
+            had the guest frozen while the transaction ran.
         frozen: filesystems this operation froze (0 if it froze none).
         thawed: filesystems this operation thawed (0 unless it froze some).
-        freeze_window: seconds from the freeze reply to the thaw reply, or None.
+        freeze_window: seconds from the freeze reply to the thaw reply, or None. Counted from
+            when the freeze request was written if its reply was lost or late (took longer
+            than ``snapshot_state.LATE_FREEZE_REPLY``), so that it never under-reports.
         overlays: block node name -> node name of its new overlay (now the active layer).
         reason: why the snapshot is not quiesced, when it is not.
         files: block node name -> the new overlay's file.
@@ -127,6 +145,9 @@ class SnapshotResult:
         warnings: things the caller should know although the snapshot succeeded, e.g. that
             the freeze froze fewer filesystems than the guest has (another tool may have frozen
             one, and qemu-ga's thaw thaws every frozen filesystem, that one included).
+        freeze_state: where the freeze ended (a :class:`FreezeState`: ``THAWED``,
+            ``EXTERNAL``, ``SKIPPED``, ``NOT_FROZEN``, ...).
+        transaction_state: where the transaction ended (``APPLIED`` for every result).
     """
 
     quiesced: bool
@@ -140,6 +161,19 @@ class SnapshotResult:
     timings: PhaseTimings = field(default_factory=PhaseTimings)
     freeze_resolved: bool = False
     warnings: tuple[str, ...] = ()
+    freeze_state: FreezeState = FreezeState.NOT_TRIED
+    transaction_state: TransactionState = TransactionState.APPLIED
+
+
+class _Step(enum.IntEnum):
+    """How far one overlay's preparation got. Each step counts as (maybe) done as soon as it
+    is sent: a lost reply or a caller that gives up must not hide a file or a node from the
+    cleanup, which checks what really exists before it removes anything."""
+
+    NONE = 0
+    FILE = 1  # blockdev-create of the file sent: a file of ours may exist
+    FILE_NODE = 2  # blockdev-add of the file node sent
+    NODE = 3  # blockdev-add of the qcow2 node sent
 
 
 @dataclass
@@ -151,13 +185,89 @@ class _Overlay:
     base: BlockNode
     node_name: str  # the overlay's qcow2 node
     file_node_name: str  # the overlay's file node
-    file_created: bool = False
-    file_node_added: bool = False
-    node_added: bool = False
+    step: _Step = _Step.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class _Timeouts:
+    """The orchestrator's timeouts, validated, as one run uses them."""
+
+    agent: float
+    thaw: float
+    command: float
+    job: float
 
 
 class _Unquiescable(Exception):
     """Preflight found that no freeze can be attempted (internal)."""
+
+
+def _seconds(name: str, value: object) -> float:
+    """``value`` as a positive, finite number of seconds, or UsageError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+    try:
+        seconds = float(value)
+    except (OverflowError, ValueError):
+        raise UsageError(f"{name} must be a positive finite number of seconds, not {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{name} must be a positive finite number of seconds, not {value!r}")
+    return seconds
+
+
+def _overlay_path(key: str, value: object) -> str:
+    """Static checks of an overlay path (no file system access): text QEMU can take (UTF-8, no
+    NUL), absolute, naming a file. UsageError otherwise."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"bad disk entry {key!r}: {value!r} (expected str: path)")
+    try:
+        path = os.fspath(value)
+    except TypeError as exc:
+        raise UsageError(f"bad overlay path for {key!r}: {exc}") from None
+    if not isinstance(path, str):
+        raise UsageError(f"overlay path for {key!r} must be text, not {type(path).__name__}")
+    if "\0" in path:
+        raise UsageError(f"overlay path for {key!r} contains a NUL byte: {path!r}")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(
+            f"overlay path for {key!r} is not valid Unicode (a lone surrogate?): {path!r}"
+        ) from None
+    if not os.path.isabs(path):
+        raise UsageError(f"overlay path must be absolute: {path!r}")
+    if os.path.basename(path) in ("", ".", ".."):
+        raise UsageError(f"overlay path must name a file: {path!r}")
+    return path
+
+
+def _path_identities(path: str) -> set[tuple[object, ...]]:
+    """What makes two overlay paths one file (the files do not exist yet): the same basename in
+    the same directory, by its real path (``.``, ``..``, ``//`` and symlinks resolved) and, when
+    it exists, by its device and inode (bind mounts)."""
+    parent, base = os.path.split(path)
+    try:
+        ids: set[tuple[object, ...]] = {("path", os.path.realpath(parent), base)}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot resolve the directory of overlay path {path!r}: {exc}") from None
+    try:
+        st = os.stat(parent)
+    except (OSError, ValueError):
+        pass  # no such directory: QEMU will fail to create the file, and say so
+    else:
+        ids.add(("inode", st.st_dev, st.st_ino, base))
+    return ids
+
+
+def _check_absent(path: str) -> None:
+    """UsageError unless ``path`` is known not to exist (never overwrite a file)."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot check overlay path {path!r}: {exc}") from None
+    raise UsageError(f"overlay file {path} already exists; refusing to overwrite it")
 
 
 class SnapshotOrchestrator:
@@ -169,12 +279,17 @@ class SnapshotOrchestrator:
             needed, after its port is seen open, and closed afterwards), or None (no agent:
             only ``quiesce="preferred"`` or ``"off"`` can succeed).
         agent_timeout: timeout of each agent command (sync, ping, status, info, freeze).
-        thaw_timeout: how long the thaw may take, retries and resyncs included, before
-            :class:`~qmpagent.ThawError` is raised.
+        thaw_timeout: the longest the thaw phase may take, every step in it (retries,
+            resyncs, reconnects, port checks, the resolution of a freeze whose reply was lost)
+            included, before :class:`~qmpagent.ThawError` is raised.
         command_timeout: timeout of each QMP command outside the freeze window.
         job_timeout: timeout of each overlay-creating job.
         agent_chardev: the agent's chardev label, if the port is not the usual
             ``org.qemu.guest_agent.0``.
+
+    Raises:
+        UsageError: a timeout that is not a positive finite number of seconds (a bool, a
+            string or None included), or an ``agent_chardev`` that is not a string.
     """
 
     def __init__(
@@ -193,10 +308,12 @@ class SnapshotOrchestrator:
         self._agent_address: AgentAddress | None = (
             None if agent is None or isinstance(agent, GuestAgent) else agent
         )
-        self.agent_timeout = agent_timeout
-        self.thaw_timeout = thaw_timeout
-        self.command_timeout = command_timeout
-        self.job_timeout = job_timeout
+        self.agent_timeout = _seconds("agent_timeout", agent_timeout)
+        self.thaw_timeout = _seconds("thaw_timeout", thaw_timeout)
+        self.command_timeout = _seconds("command_timeout", command_timeout)
+        self.job_timeout = _seconds("job_timeout", job_timeout)
+        if agent_chardev is not None and not isinstance(agent_chardev, str):
+            raise UsageError(f"agent_chardev must be a string or None, not {agent_chardev!r}")
         self.agent_chardev = agent_chardev
         # One snapshot at a time through this orchestrator: two interleaved freeze/thaw
         # sequences on one guest would thaw each other's freeze.
@@ -206,6 +323,15 @@ class SnapshotOrchestrator:
     def has_agent(self) -> bool:
         """Whether an agent (connection or address) was given."""
         return self._agent is not None or self._agent_address is not None
+
+    def _timeouts(self) -> _Timeouts:
+        # Again at each run: the attributes are public, and may have been changed since.
+        return _Timeouts(
+            agent=_seconds("agent_timeout", self.agent_timeout),
+            thaw=_seconds("thaw_timeout", self.thaw_timeout),
+            command=_seconds("command_timeout", self.command_timeout),
+            job=_seconds("job_timeout", self.job_timeout),
+        )
 
     async def snapshot(
         self,
@@ -217,42 +343,59 @@ class SnapshotOrchestrator:
     ) -> SnapshotResult:
         """Take one atomic external snapshot of ``disks``.
 
+        Concurrent calls on one orchestrator run one after the other.
+
         Args:
             disks: block node name (or the qdev id of its device) -> the new overlay file, which
                 must not exist yet; it is created as qcow2 with the current image as backing file.
+                No two overlay paths may name one file.
             quiesce: ``"required"``, ``"preferred"`` or ``"off"`` (see :class:`Quiesce`).
-            freeze_timeout: the longest allowed freeze window, in seconds. If the transaction has
-                not completed by then, the guest is thawed and the snapshot is not quiesced.
+            freeze_timeout: the longest allowed freeze window, in seconds, counted from when
+                the freeze request is written (the wait for the freeze's own reply included). If
+                the transaction has not completed by then, the guest is thawed and the snapshot
+                is not quiesced.
             on_phase: called as ``on_phase(name, None)`` when a phase starts and
-                ``on_phase(name, seconds)`` when it ends (``preflight``, ``prepare``, ``freeze``,
-                ``transaction``, ``thaw``), e.g. for progress output. It must not block; an
-                exception it raises is logged and ignored.
+                ``on_phase(name, seconds)`` when it ends (``name`` a :class:`Phase`: ``preflight``,
+                ``prepare``, ``freeze``, ``transaction``, ``thaw``), e.g. for progress output. It
+                must not block. An ``Exception`` it raises is logged and ignored. A
+                ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``,
+                ``SystemExit``, ``asyncio.CancelledError``) stops the snapshot at the next phase
+                boundary, but never skips a thaw: a freeze of ours is thawed (and the clean-up
+                done) first, then that exception propagates, unless a :class:`ThawError` does
+                (the guest may still be frozen: that is what the caller must learn; the
+                interrupt is logged).
 
         Returns:
             A :class:`SnapshotResult`.
 
         Raises:
-            UsageError: bad arguments (unknown quiesce mode, empty ``disks``, an existing file).
-
-        Concurrent calls on one orchestrator run one after the other.
+            UsageError: bad arguments (unknown quiesce mode, empty ``disks``, a bad timeout, an
+                overlay path that is not absolute UTF-8 text without NUL, an existing file, two
+                paths that are one file), raised before anything is sent.
             SnapshotError: no snapshot was taken, or (``quiesce="required"``) it could not be
                 quiesced; ``.record`` says what was done and undone.
             ThawError: this operation froze the guest and could not thaw it: THE GUEST MAY STILL
                 BE FROZEN.
         """
         mode = _quiesce_mode(quiesce)
-        if isinstance(freeze_timeout, bool) or not isinstance(freeze_timeout, (int, float)):
-            raise UsageError("freeze_timeout must be a number of seconds")
-        if not freeze_timeout > 0:
-            raise UsageError("freeze_timeout must be positive")
+        timeout = _seconds("freeze_timeout", freeze_timeout)
+        timeouts = self._timeouts()
         if not isinstance(disks, Mapping) or not disks:
             raise UsageError("disks must be a non-empty mapping of node name to overlay path")
+        paths: dict[str, str] = {}
+        seen: set[tuple[object, ...]] = set()
         for key, path in disks.items():
-            if not isinstance(key, str) or not isinstance(path, (str, os.PathLike)):
+            if not isinstance(key, str):
                 raise UsageError(f"bad disk entry {key!r}: {path!r} (expected str: path)")
+            paths[key] = checked = _overlay_path(key, path)
+            ids = _path_identities(checked)
+            if ids & seen:
+                raise UsageError(f"overlay {checked!r} is the same file as another disk's overlay")
+            seen |= ids
+            _check_absent(checked)
         async with self._busy:
-            op = _Operation(self, mode, freeze_timeout, on_phase)
-            return await op.run({str(k): os.fspath(v) for k, v in disks.items()})
+            op = _Operation(self, mode, timeout, on_phase, timeouts)
+            return await op.run(paths)
 
 
 async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any, Any, None]) -> None:
@@ -268,6 +411,37 @@ async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any
         raise
 
 
+async def _all_or_none(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Run ``coros`` as one task group: each in a task of its own; the first failure cancels
+    the others; a cancellation of the caller (native, or re-delivered again and again by an
+    anyio cancel scope) cancels each of them once. Either way every one of them has finished
+    (its own clean-up, e.g. a job's cancel and dismiss, included) before this returns or
+    raises: nothing goes on behind the caller's back. Each must bound its own duration."""
+    if not coros:
+        return
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    interrupted: BaseException | None = None
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException as exc:  # the caller was cancelled
+        interrupted = exc
+    failed = any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks)
+    if interrupted is not None or failed:
+        for t in tasks:
+            t.cancel()  # once each; a done task ignores it
+    with anyio.CancelScope(shield=True):
+        while not all(t.done() for t in tasks):
+            try:
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError as exc:  # native cancellation goes through a shield
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+    for t in tasks:
+        if not t.cancelled() and (error := t.exception()) is not None:
+            raise error
+
+
 def _quiesce_mode(value: Quiesce | str) -> Quiesce:
     try:
         return Quiesce(value)
@@ -275,8 +449,28 @@ def _quiesce_mode(value: Quiesce | str) -> Quiesce:
         raise UsageError(f"quiesce must be one of required, preferred, off; not {value!r}") from None
 
 
+def _checked_node(node: BlockNode) -> BlockNode:
+    """A node from ``query-named-block-nodes`` whose members this module uses have the right
+    types (QEMU's replies are checked, not trusted), else MonitorProtocolError."""
+    raw = node.raw
+    if (
+        not isinstance(raw, Mapping)
+        or not isinstance(raw.get("node-name"), str)
+        or not isinstance(raw.get("drv"), str)
+        or not isinstance(raw.get("file", ""), str)
+        or not isinstance(raw.get("backing_file") or "", str)
+        or isinstance(node.virtual_size, bool)
+        or (node.virtual_size is not None and node.virtual_size < 0)
+    ):
+        raise MonitorProtocolError(
+            f"query-named-block-nodes: an entry with members of the wrong type: {raw!r:.300}"
+        )
+    return node
+
+
 class _Operation:
-    """One snapshot run: its state, its record, and the phases in order."""
+    """One snapshot run: its state (a :class:`SnapshotState`, the one writer of its record),
+    and the phases in order."""
 
     def __init__(
         self,
@@ -284,138 +478,167 @@ class _Operation:
         mode: Quiesce,
         freeze_timeout: float,
         on_phase: PhaseCallback | None,
+        timeouts: _Timeouts,
     ) -> None:
         self.orch = orch
         self.on_phase = on_phase
         self.mon = orch.monitor
         self.mode = mode
         self.freeze_timeout = freeze_timeout
-        self.record = SnapshotRecord()
+        self.t = timeouts
+        self.state = SnapshotState(SnapshotRecord())
+        self.record = self.state.record
         self.agent: GuestAgent | None = None
         self.own_agent = False  # we connected it, we close it
+        self.stale_agents: list[GuestAgent] = []  # ours, replaced by a reconnect: closed at the end
         self.overlays: list[_Overlay] = []
-        self.reason: str | None = None
-        self.owner: FreezeOwner | None = None
-        self.frozen = 0
-        self.thawed = 0
-        self.freeze_resolved = False
         self.times: dict[str, float] = {}
         self.token = secrets.token_hex(4)
-        self.window: float | None = None
         self.vm_running = False
-        self.owns_freeze = False
-        # A freeze that was sent but whose outcome is not known yet (the error that hid it).
-        self.freeze_unresolved: BaseException | None = None
-        self.frozen_at: float | None = None
         self.warnings: list[str] = []
         self.filesystems: int | None = None  # what guest-get-fsinfo lists, if it answers
-        self.thaw_done = False
-        self.thawed_at: float | None = None
-        self.transaction_sent = False
+        # The last agent error that hid the freeze's outcome or failed a thaw (for messages).
+        self.agent_error: BaseException | None = None
+        # When the resolution of a freeze without reply must give up (thaw_timeout from its
+        # first attempt, wherever it continues).
+        self.resolve_deadline: float | None = None
+        # A BaseException raised by on_phase, held until it is safe to raise (see _checkpoint).
+        self.interrupt: BaseException | None = None
 
     # --- driver ---------------------------------------------------------------------------
 
     async def run(self, disks: dict[str, str]) -> SnapshotResult:
         started = time.monotonic()
         try:
-            with self._phase("preflight"):
-                await self._preflight_vm(disks)
-                if self.mode is not Quiesce.OFF:
-                    await self._preflight_agent()
-                else:
-                    self.reason = "quiesce is off"
-            with self._phase("prepare"):
-                await self._prepare()
-            await self._freeze_snapshot_thaw()
+            try:
+                with self._phase(Phase.PREFLIGHT):
+                    await self._preflight_vm(disks)
+                    if self.mode is Quiesce.OFF:
+                        self.state.skip("quiesce is off")
+                    else:
+                        await self._preflight_agent()
+                with self._phase(Phase.PREPARE):
+                    await self._prepare()
+                await self._freeze_snapshot_thaw()
+            except BaseException as exc:
+                await _keeping_thaw_error(exc, self._cleanup(exc))
+                raise
+            finally:
+                await _keeping_thaw_error(sys.exc_info()[1], self._close_agents())
         except BaseException as exc:
-            await _keeping_thaw_error(exc, self._cleanup(exc))
+            held = self.interrupt
+            if held is not None and held is not exc:
+                if not isinstance(exc, ThawError):
+                    # What on_phase raised, now that nothing of ours is frozen; ``exc`` is
+                    # its __context__.
+                    raise held  # noqa: B904
+                log.warning("on_phase raised %r; a ThawError takes precedence", held)
             raise
-        finally:
-            if self.own_agent and self.agent is not None:
-                await _keeping_thaw_error(sys.exc_info()[1], self.agent.close())
+        self._checkpoint()
         self.times["total"] = time.monotonic() - started
-        quiesced = self.owner is not None
+        return self._result()
+
+    def _result(self) -> SnapshotResult:
+        st = self.state
         return SnapshotResult(
-            quiesced=quiesced,
-            freeze_owner=self.owner.value if self.owner is not None else None,
-            frozen=self.frozen,
-            thawed=self.thawed,
-            freeze_window=self.window,
+            quiesced=st.quiesced,
+            freeze_owner=st.quiesced_by.value if st.quiesced_by is not None else None,
+            frozen=st.frozen,
+            thawed=st.thawed,
+            freeze_window=st.freeze_window,
             overlays={o.node: o.node_name for o in self.overlays},
-            reason=None if quiesced else self.reason,
+            reason=None if st.quiesced else st.reason,
             files={o.node: o.path for o in self.overlays},
             timings=PhaseTimings(**self.times),
-            freeze_resolved=self.freeze_resolved,
+            freeze_resolved=st.resolved,
             warnings=tuple(self.warnings),
+            freeze_state=st.freeze,
+            transaction_state=st.transaction,
         )
 
     @contextlib.contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
+    def _phase(self, phase: Phase) -> Iterator[None]:
         """Time a phase and name it in the record. A phase run while another one's failure is
         propagating (the thaw in a ``finally``) leaves the failed phase named, unless it fails
-        itself."""
+        itself. Its start and (unless it fails) its end are checkpoints (see _checkpoint),
+        except the start of the thaw: nothing may keep the thaw from running."""
         failing = sys.exc_info()[1] is not None
-        previous = self.record.phase
-        self.record.phase = name
-        self._notify(name, None)
+        previous = self.state.phase
+        self.state.enter_phase(phase)
+        self._notify(phase, None)
         t = time.monotonic()
         try:
+            if phase is not Phase.THAW:
+                self._checkpoint()
             yield
         except BaseException:
             raise
         else:
             if failing:
-                self.record.phase = previous
+                self.state.enter_phase(previous)
         finally:
             elapsed = time.monotonic() - t
-            self.times[name] = self.times.get(name, 0.0) + elapsed
-            self._notify(name, elapsed)
+            self.times[phase.value] = self.times.get(phase.value, 0.0) + elapsed
+            self._notify(phase, elapsed)
+        if not failing:
+            self._checkpoint()
 
-    def _notify(self, name: str, seconds: float | None) -> None:
+    def _notify(self, phase: Phase, seconds: float | None) -> None:
         if self.on_phase is None:
             return
         try:
-            self.on_phase(name, seconds)
+            self.on_phase(phase, seconds)
         except Exception:
             log.exception("on_phase callback failed (ignored)")
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, CancelledError
+            log.warning("on_phase raised %r: the snapshot stops once that is safe", exc)
+            if self.interrupt is None:
+                self.interrupt = exc
+
+    def _checkpoint(self) -> None:
+        """Raise what on_phase raised, if anything: called at phase boundaries, never between
+        a freeze and the thaw's end (the thaw runs in a ``finally`` if this raises earlier)."""
+        if self.interrupt is not None:
+            raise self.interrupt
 
     def _fail(self, message: str, cause: BaseException | None = None) -> SnapshotError:
         err = SnapshotError(message, self.record)
         err.__cause__ = cause
         return err
 
+    def _policy(self, cause: BaseException | None = None) -> None:
+        """No quiesce is possible (``state.reason`` says why): fail if it is required."""
+        log.info("snapshot cannot be quiesced: %s", self.state.reason)
+        if self.mode is Quiesce.REQUIRED:
+            raise self._fail(f"quiesce required but not possible: {self.state.reason}", cause)
+
     # --- preflight ------------------------------------------------------------------------
 
+    async def _block_nodes(self) -> dict[str, BlockNode]:
+        return {n.node_name: n for n in await self.mon.named_block_nodes()}
+
     async def _preflight_vm(self, disks: dict[str, str]) -> None:
-        timeout = self.orch.command_timeout
+        timeout = self.t.command
         try:
             status = await self.mon.execute("query-status", timeout=timeout)
-            nodes = {n.node_name: n for n in await self.mon.named_block_nodes()}
+            nodes = await self._block_nodes()
         except MonitorError as exc:
             raise self._fail(f"preflight: cannot query QEMU: {exc}", exc) from exc
         self.vm_running = isinstance(status, dict) and status.get("status") == "running"
-        seen_paths: set[str] = set()
         for i, (key, path) in enumerate(disks.items()):
-            node = key
-            if node not in nodes:
-                try:
-                    node = await self.mon.device_node_name(key)
-                except MonitorCommandError as exc:
-                    raise UsageError(f"no block node or device named {key!r}") from exc
-                except MonitorError as exc:
-                    raise self._fail(f"preflight: cannot resolve device {key!r}: {exc}", exc) from exc
+            node = await self._resolve_node(key, nodes)
             base = nodes.get(node)
             if base is None:
                 raise UsageError(f"no block node named {node!r}")
-            if not os.path.isabs(path):
-                raise UsageError(f"overlay path must be absolute: {path!r}")
-            if path in seen_paths or any(o.node == node for o in self.overlays):
-                raise UsageError(f"disk {key!r} or overlay {path!r} given twice")
-            if os.path.lexists(path):  # noqa: ASYNC240 - one stat of a local path
-                raise UsageError(f"overlay file {path} already exists; refusing to overwrite it")
+            try:
+                base = _checked_node(base)
+            except MonitorProtocolError as exc:
+                raise self._fail(f"preflight: {exc}", exc) from exc
+            if any(o.node == node for o in self.overlays):
+                raise UsageError(f"disk {key!r} given twice")
+            _check_absent(path)  # again: just before it is made
             if base.virtual_size is None:
                 raise UsageError(f"block node {node!r} reports no virtual size")
-            seen_paths.add(path)
             self.overlays.append(
                 _Overlay(
                     node=node,
@@ -426,14 +649,32 @@ class _Operation:
                 )
             )
 
+    async def _resolve_node(self, key: str, nodes: Mapping[str, BlockNode]) -> str:
+        """The format node of ``key``: a node name, or a device's qdev id."""
+        if key in nodes:
+            return key
+        try:
+            node = await self.mon.device_node_name(key)
+        except MonitorCommandError as exc:
+            raise UsageError(f"no block node or device named {key!r}") from exc
+        except MonitorError as exc:
+            raise self._fail(f"preflight: cannot resolve device {key!r}: {exc}", exc) from exc
+        except (AttributeError, KeyError, TypeError) as exc:
+            # query-block members of the wrong type, met while the monitor parsed them
+            err = MonitorProtocolError(f"query-block: a malformed entry ({exc!r})")
+            err.__cause__ = exc
+            raise self._fail(f"preflight: cannot resolve device {key!r}: {err}", err) from err
+        if not isinstance(node, str):
+            err = MonitorProtocolError(f"query-block: node-name of {key!r} is not a string: {node!r:.100}")
+            raise self._fail(f"preflight: {err}", err)
+        return node
+
     async def _preflight_agent(self) -> None:
         try:
             await self._check_agent()
         except _Unquiescable as exc:
-            self.reason = str(exc)
-            log.info("snapshot cannot be quiesced: %s", exc)
-            if self.mode is Quiesce.REQUIRED:
-                raise self._fail(f"quiesce required but not possible: {exc}", exc.__cause__) from exc
+            self.state.skip(str(exc))
+            self._policy(exc.__cause__)
 
     async def _check_agent(self) -> None:
         orch = self.orch
@@ -449,7 +690,7 @@ class _Operation:
             raise _Unquiescable(f"cannot read the agent port state: {exc}") from exc
         if not port_open:
             raise _Unquiescable("the guest agent's port is closed in the guest (agent not running)")
-        t = orch.agent_timeout
+        t = self.t.agent
         try:
             if orch._agent is not None:
                 self.agent = orch._agent
@@ -464,8 +705,7 @@ class _Operation:
             raise _Unquiescable(f"the guest agent does not answer: {exc}") from exc
         if status is FreezeStatus.FROZEN:
             # Invariant 3: frozen by someone else. Quiescent, but not ours: never thaw it.
-            self.owner = FreezeOwner.EXTERNAL
-            self.record.freeze_owner = FreezeOwner.EXTERNAL.value
+            self.state.external()
             log.info("guest already frozen by someone else: snapshot without freeze or thaw")
             return
         try:
@@ -486,21 +726,14 @@ class _Operation:
     # --- prepare --------------------------------------------------------------------------
 
     async def _prepare(self) -> None:
-        results = await asyncio.gather(
-            *(self._prepare_one(o) for o in self.overlays), return_exceptions=True
-        )
-        for res in results:
-            if isinstance(res, BaseException):
-                if isinstance(res, QMPAgentError):
-                    raise self._fail(f"preparing the overlays failed: {res}", res) from res
-                raise res
+        try:
+            await _all_or_none([self._prepare_one(o) for o in self.overlays])
+        except QMPAgentError as exc:
+            raise self._fail(f"preparing the overlays failed: {exc}", exc) from exc
 
     async def _prepare_one(self, ov: _Overlay) -> None:
-        # Each step is marked as (maybe) done *before* it is sent: a reply that is lost or a
-        # caller that gives up must not hide a file or a node from the cleanup, which checks
-        # what really exists before it removes anything.
-        mon, jt, ct = self.mon, self.orch.job_timeout, self.orch.command_timeout
-        ov.file_created = True  # preflight saw no file there: whatever is there now is ours
+        mon, jt, ct = self.mon, self.t.job, self.t.command
+        ov.step = _Step.FILE  # preflight saw no file there: whatever is there now is ours
         await mon.run_job(
             "blockdev-create",
             {
@@ -509,8 +742,8 @@ class _Operation:
             },
             timeout=jt,
         )
-        self.record.files_created.append(ov.path)
-        ov.file_node_added = True
+        self.state.file_created(ov.path)
+        ov.step = _Step.FILE_NODE
         await mon.execute(
             "blockdev-add",
             {"driver": "file", "filename": ov.path, "node-name": ov.file_node_name},
@@ -527,95 +760,104 @@ class _Operation:
         await mon.run_job(
             "blockdev-create", {"job-id": f"{ov.node_name}-cq", "options": options}, timeout=jt
         )
-        ov.node_added = True
+        ov.step = _Step.NODE
         await mon.execute(
             "blockdev-add",
             {"driver": "qcow2", "node-name": ov.node_name, "file": ov.file_node_name, "backing": None},
             timeout=ct,
         )
-        self.record.overlays_added.append(ov.node_name)
+        self.state.overlay_added(ov.node_name)
 
     # --- the window -----------------------------------------------------------------------
 
     async def _freeze_snapshot_thaw(self) -> None:
+        st = self.state
         try:
-            if self.agent is not None and self.owner is None and self.reason is None:
+            if st.freeze is FreezeState.NOT_TRIED:
                 # Port state again, right before the freeze: prepare may have taken a while.
                 await self._check_port_still_open()
-            if self.agent is not None and self.owner is None and self.reason is None:
-                with self._phase("freeze"):
+            if st.freeze is FreezeState.NOT_TRIED:
+                with self._phase(Phase.FREEZE):
                     await self._freeze()
-            with self._phase("transaction"):
-                if self.owns_freeze:
-                    assert self.frozen_at is not None
-                    await self._transaction(self.freeze_timeout, self.frozen_at)
-                else:
-                    await self._transaction(self.orch.command_timeout, None)
+            with self._phase(Phase.TRANSACTION):
+                await self._snapshot()
         finally:
             # Whatever happened above (an error, the deadline, the caller cancelled, once or
-            # more): a freeze that was sent and not yet known to be ours or not is resolved
-            # now, and ours is thawed. Both run to completion.
-            if self.freeze_unresolved is not None:
-                await run_to_completion(self._resolve_and_own(self.freeze_unresolved))
-            if self.owns_freeze:
-                with self._phase("thaw"):
-                    await run_to_completion(self._thaw())
-                if self.thawed_at is not None and self.frozen_at is not None:
-                    self.window = self.thawed_at - self.frozen_at
+            # more, on_phase raised): a freeze that was sent and not yet known to be ours or
+            # not is resolved now, and ours is thawed, to completion.
+            if st.must_settle:
+                with self._phase(Phase.THAW):
+                    await run_to_completion(self._settle())
 
     async def _check_port_still_open(self) -> None:
         try:
             port_open = await self.mon.agent_port_open(self.orch.agent_chardev)
         except (AgentError, MonitorError) as exc:
-            self._no_freeze(f"cannot read the agent port state before the freeze: {exc}", exc)
+            self.state.skip(f"cannot read the agent port state before the freeze: {exc}")
+            self._policy(exc)
             return
         if not port_open:
-            self._no_freeze("the guest agent's port closed before the freeze (agent stopped)")
+            self.state.skip("the guest agent's port closed before the freeze (agent stopped)")
+            self._policy()
+
+    def _freeze_written(self) -> None:
+        """``on_sent`` of our freeze: this call's request was handed to the transport."""
+        self.state.freeze_sent(time.monotonic())
+
+    def _window_end(self) -> float:
+        """When the freeze window closes: ``freeze_timeout`` after the freeze request left."""
+        sent = self.state.freeze_sent_at
+        assert sent is not None
+        return sent + self.freeze_timeout
 
     async def _freeze(self) -> None:
-        """Freeze; sets ``owns_freeze`` as soon as this operation owns a freeze to thaw, and
-        ``freeze_unresolved`` while a freeze was sent but its outcome is not known."""
+        """Freeze: SENT_UNRESOLVED as soon as the request is written, then OURS or NOT_FROZEN
+        from its reply or, if the reply is lost, from the status (within the window)."""
         assert self.agent is not None
-        agent = self.agent
-        written_before = agent.requests_written
-        sent_at = time.monotonic()
+        st = self.state
+        # The freeze's own wait is part of the window.
+        wait = min(self.t.agent, self.freeze_timeout)
         try:
-            n = await agent.fsfreeze_freeze(timeout=self.orch.agent_timeout)
+            n = await self.agent.fsfreeze_freeze(timeout=wait, on_sent=self._freeze_written)
         except AgentCommandError as exc:
             # The agent answered: it thaws by itself when a freeze fails part-way, and a
             # CommandNotFound here means someone froze it since preflight. Not ours either way.
-            self._no_freeze(f"the freeze failed: {exc}", exc)
+            if st.freeze is FreezeState.SENT_UNRESOLVED:
+                st.freeze_refused(f"the freeze failed: {exc}")
+            else:  # pragma: no cover - an answer implies the request left
+                st.skip(f"the freeze failed: {exc}")
+            self._policy(exc)
             return
         except BaseException as exc:
-            sent = agent.requests_written > written_before and agent.last_written in (
-                "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list"
-            )
-            if not sent:
-                # Timed out or cancelled before the request left (waiting for the channel):
-                # nothing of ours can be frozen, and a frozen status would be somebody else's.
+            if st.freeze is FreezeState.NOT_TRIED:
+                # Timed out or cancelled before *this* request left (waiting for the channel,
+                # or for another caller of a shared agent): nothing of ours can be frozen, and
+                # a frozen status would be somebody else's.
+                st.skip(f"the freeze could not be sent: {exc}")
                 if isinstance(exc, AgentError):
-                    self._no_freeze(f"the freeze could not be sent: {exc}", exc)
+                    self._policy(exc)
                     return
                 raise
             # Invariant 5: a timeout, a lost connection, garbage instead of the reply, or the
             # caller cancelled while the freeze was in flight: it may or may not have frozen
-            # the guest. Note it first (the finally resolves it whatever comes next), then
-            # resolve it now; a cancellation goes on once it is resolved.
-            self.frozen_at = sent_at  # if ours, frozen since about then: the window counts it
-            self.freeze_unresolved = exc
-            await run_to_completion(self._resolve_and_own(exc))
-            if isinstance(exc, AgentError):
-                if not self.owns_freeze:
-                    self._no_freeze(f"the freeze got no reply ({exc}) and did not freeze", exc)
-                return
-            raise
-        self.frozen_at = time.monotonic()
+            # the guest. A cancellation goes on (the finally resolves it); an agent error is
+            # resolved now, within what is left of the window.
+            self.agent_error = exc
+            if not isinstance(exc, AgentError):
+                raise
+            log.warning("the freeze got no reply (%s): reading the status", exc)
+            await self._resolve(self._window_end())
+            if st.freeze is FreezeState.NOT_FROZEN:
+                self._policy(exc)
+            return
+        st.freeze_answered(
+            n, time.monotonic(), "the freeze froze no filesystems (none, or frozen by another tool)"
+        )
         if n == 0:
             # Invariant 1: a freeze that froze nothing is not ours (another tool may hold a
             # freeze the agent would otherwise thaw on our behalf).
-            self._no_freeze("the freeze froze no filesystems (none, or frozen by another tool)")
+            self._policy()
             return
-        self._own_freeze(n)
         if self.filesystems is not None and n < self.filesystems:
             # qemu-ga skips a filesystem that is already frozen (EBUSY) without a word, and its
             # thaw thaws every frozen filesystem: nothing can keep ours from thawing it too.
@@ -625,213 +867,275 @@ class _Operation:
             )
             log.warning("%s", self.warnings[-1])
 
-    def _own_freeze(self, count: int | None) -> None:
-        """Record that this operation froze the guest (``count`` None: a lost reply resolved
-        by the status; the thaw's count will tell how many)."""
-        self.owns_freeze = True
-        self.owner = FreezeOwner.SELF
-        self.record.freeze_owner = FreezeOwner.SELF.value
-        if count is None:
-            self.freeze_resolved = True
-        else:
-            self.frozen = count
-            self.record.frozen = count
-
-    def _no_freeze(self, reason: str, cause: BaseException | None = None) -> None:
-        self.reason = reason
-        if self.mode is Quiesce.REQUIRED:
-            raise self._fail(f"quiesce required but not possible: {reason}", cause)
-
-    async def _resolve_and_own(self, exc: BaseException) -> None:
-        """Resolve a freeze that was sent but not answered, and record the answer in this
-        same step, so that no cancellation between the two can lose it."""
-        if self.freeze_unresolved is None:
-            return  # resolved already
-        try:
-            if await self._resolve_lost_freeze(exc):
-                self._own_freeze(None)
-        finally:
-            self.freeze_unresolved = None
-
-    async def _resolve_lost_freeze(self, exc: BaseException) -> bool:
-        """After a freeze with no reply: resync and read the status. True if frozen (ours, since
-        it was thawed at preflight). If the status cannot be read at all, the guest may be
-        frozen by us: raise ThawError rather than guess."""
-        assert self.agent is not None
-        deadline = time.monotonic() + self.orch.thaw_timeout
-        last: BaseException = exc
+    async def _resolve(self, until: float) -> None:
+        """After a freeze with no reply: resync and read the status, until ``until`` at the
+        latest (and within the resolution's own budget, ``thaw_timeout`` from its first
+        attempt). Frozen means ours (it was thawed at preflight): SENT_UNRESOLVED -> OURS, or
+        NOT_FROZEN; still SENT_UNRESOLVED if time ran out. Never raises an AgentError."""
+        st = self.state
+        if self.resolve_deadline is None:
+            self.resolve_deadline = time.monotonic() + self.t.thaw
+        deadline = min(until, self.resolve_deadline)
         pause = 0.05
-        while time.monotonic() < deadline:
+        while st.freeze is FreezeState.SENT_UNRESOLVED and time.monotonic() < deadline:
+            agent = self.agent
+            assert agent is not None
             try:
                 # Resyncs first: the late freeze reply, if any, is dropped as stale.
-                status = await self.agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
-            except AgentError as e:
-                last = e
-                if not self.agent.is_connected and await self._reconnect_agent() is None:
-                    break
+                status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
+            except AgentError as exc:
+                self.agent_error = exc
+                if not agent.is_connected and await self._reconnect_agent(deadline) is None:
+                    return
                 await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                 pause = min(pause * 2, 1.0)
                 continue
             log.warning("freeze reply lost; status is %s", status.value)
-            return status is FreezeStatus.FROZEN
-        raise ThawError(
-            f"a freeze got no reply and its outcome cannot be read ({last}): "
-            "the guest MAY BE FROZEN; check guest-fsfreeze-status and thaw it",
-            self.record,
-        ) from last
+            st.freeze_resolved(
+                status is FreezeStatus.FROZEN,
+                f"the freeze got no reply ({self.agent_error}) and did not freeze",
+            )
 
-    async def _transaction(self, budget: float, frozen_at: float | None) -> None:
+    async def _snapshot(self) -> None:
+        """The transaction phase: under our freeze (bounded by the window), under someone
+        else's (re-checked first), or crash-consistent."""
+        st = self.state
+        if st.freeze is FreezeState.EXTERNAL:
+            await self._recheck_external()
+        if st.freeze is FreezeState.SENT_UNRESOLVED:
+            await self._window_exceeded(
+                None,
+                f"{self._window_reason()}: the freeze got no reply, and what it did could not "
+                "be learnt in time",
+            )
+        elif st.freeze is FreezeState.OURS:
+            await self._transaction(self._window_end())
+        else:
+            await self._transaction(None)
+
+    async def _recheck_external(self) -> None:
+        """Someone else's freeze may have ended since preflight: read the status right before
+        the transaction; if it is not frozen (or cannot be read), the snapshot is not
+        quiesced."""
+        assert self.agent is not None
+        try:
+            status = await self.agent.fsfreeze_status(timeout=self.t.agent)
+        except AgentError as exc:
+            self.state.external_ended(
+                f"the guest was frozen by someone else at preflight, and whether it still is "
+                f"cannot be read before the transaction: {exc}"
+            )
+            self._policy(exc)
+            return
+        if status is not FreezeStatus.FROZEN:
+            self.state.external_ended(
+                "the guest was frozen by someone else at preflight, but was thawed before "
+                "the transaction"
+            )
+            self._policy()
+
+    def _window_reason(self) -> str:
+        return f"the freeze window exceeded freeze_timeout ({self.freeze_timeout:g}s)"
+
+    async def _transaction(self, deadline: float | None) -> None:
+        """Send the transaction; ``deadline``: when the freeze window closes (None: not
+        frozen by us, ``command_timeout``)."""
+        st = self.state
         actions = [
             {"type": "blockdev-snapshot", "data": {"node": o.node, "overlay": o.node_name}}
             for o in self.overlays
         ]
-        timeout = budget if frozen_at is None else frozen_at + budget - time.monotonic()
-        if timeout <= 0:
-            # Frozen longer than allowed already (a lost freeze reply waited for): no
-            # transaction inside this window.
-            await self._window_exceeded(None)
-            return
-        self.transaction_sent = True
+        if deadline is None:
+            timeout = self.t.command
+        else:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                # Frozen longer than allowed already (a lost freeze reply waited for): no
+                # transaction inside this window.
+                await self._window_exceeded(None, self._window_reason())
+                return
+        st.transaction_sent()
         try:
             await self.mon.execute("transaction", {"actions": actions}, timeout=timeout)
         except MonitorTimeout as exc:
-            if frozen_at is not None:
-                await self._window_exceeded(exc)
+            if deadline is not None:
+                await self._window_exceeded(exc, self._window_reason())
                 return
             # Nothing of ours is frozen: take the time to find out what QEMU did.
-            if await self._transaction_applied():
-                self.record.snapshot_taken = True
+            if await self._learn_transaction():
                 return
             raise self._fail(f"the transaction got no answer and was not applied: {exc}", exc) from exc
         except MonitorUnavailable as exc:
-            self.record.snapshot_taken = None
+            st.transaction_outcome(TransactionState.UNKNOWN)
             raise self._fail(
                 "the connection to QEMU was lost after the transaction was sent: the outcome is "
                 "unknown (the VM may run on the overlays or on its original images)",
                 exc,
             ) from exc
-        except MonitorError as exc:
+        except MonitorCommandError as exc:
+            st.transaction_outcome(TransactionState.NOT_APPLIED)
             raise self._fail(f"the transaction failed: {exc}", exc) from exc
-        self.record.snapshot_taken = True
+        except MonitorError as exc:
+            # An answer of the wrong shape: still SENT; the cleanup asks QEMU what it did,
+            # once our freeze is thawed.
+            raise self._fail(f"the transaction failed: {exc}", exc) from exc
+        st.transaction_outcome(TransactionState.APPLIED)
 
-    async def _window_exceeded(self, exc: MonitorTimeout | None) -> None:
-        """The transaction did not complete within ``freeze_timeout`` (``exc``), or there was
-        no time left to send it (None): thaw now, then find out whether a sent transaction was
+    async def _window_exceeded(self, exc: MonitorTimeout | None, reason: str) -> None:
+        """The transaction did not complete within the window (``exc``), or there was no
+        time left to send it (None): thaw now, then find out whether a sent transaction was
         applied (QMP runs commands in order, so a query answers after it)."""
-        self.reason = f"the freeze window exceeded freeze_timeout ({self.freeze_timeout:g}s)"
-        with self._phase("thaw"):
-            await run_to_completion(self._thaw())
-        applied = exc is not None and await self._transaction_applied()
+        st = self.state
+        st.not_quiesced(reason)
+        if st.must_settle:
+            with self._phase(Phase.THAW):
+                await run_to_completion(self._settle())
+        applied = st.transaction is TransactionState.SENT and await self._learn_transaction()
         if applied:
-            self.record.snapshot_taken = True
-            # The snapshot exists but may have been taken after the thaw.
-            self.owner = None
+            # The snapshot exists but may have been taken after the thaw: not quiesced.
             if self.mode is Quiesce.REQUIRED:
                 raise self._fail(
-                    f"{self.reason}; the snapshot was taken after all but is not guaranteed "
+                    f"{reason}; the snapshot was taken after all but is not guaranteed "
                     "quiesced: the VM now runs on the overlays",
                     exc,
                 )
             return
         if self.mode is Quiesce.REQUIRED:
-            raise self._fail(f"{self.reason}; no snapshot was taken", exc)
+            raise self._fail(f"{reason}; no snapshot was taken", exc)
         # preferred: a crash-consistent snapshot, unfrozen.
-        self.owner = None
-        await self._transaction(self.orch.command_timeout, None)
+        await self._transaction(None)
 
-    async def _transaction_applied(self) -> bool:
-        """Whether a transaction whose reply was not seen was applied. QMP runs commands in
-        order, so the query is answered after it. Raises SnapshotError (outcome unknown,
-        ``record.snapshot_taken`` None) if QEMU cannot tell us."""
+    async def _learn_transaction(self) -> bool:
+        """Whether a transaction whose reply was not seen was applied: SENT -> APPLIED or
+        NOT_APPLIED. QMP runs commands in order, so the query is answered after it. Raises
+        SnapshotError (UNKNOWN: ``record.snapshot_taken`` None) if QEMU cannot tell us."""
+        st = self.state
         try:
-            with anyio.fail_after(self.orch.command_timeout):
-                nodes = {n.node_name: n for n in await self.mon.named_block_nodes()}
+            with anyio.fail_after(self.t.command):
+                nodes = await self._block_nodes()
+            # The transaction is atomic: the first overlay tells for all. It was added with
+            # backing: null, so it reports a backing file only once blockdev-snapshot attached
+            # it. (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
+            ov = nodes.get(self.overlays[0].node_name)
+            applied = ov is not None and _checked_node(ov).backing_file is not None
         except (TimeoutError, MonitorError) as exc:
-            self.record.snapshot_taken = None
+            st.transaction_outcome(TransactionState.UNKNOWN)
             raise self._fail(
                 "the transaction got no answer and its outcome cannot be read: the VM may run "
                 "on the overlays or on its original images",
                 exc,
             ) from exc
-        # The transaction is atomic: the first overlay tells for all. It was added with
-        # backing: null, so it reports a backing file only once blockdev-snapshot attached it.
-        # (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
-        ov = nodes.get(self.overlays[0].node_name)
-        return ov is not None and ov.backing_file is not None
+        st.transaction_outcome(TransactionState.APPLIED if applied else TransactionState.NOT_APPLIED)
+        return applied
 
-    async def _thaw(self) -> None:
-        """Thaw our freeze: shielded from cancellation, bounded by thaw_timeout, resyncing and
-        re-reading the status after a failure. Raises ThawError if it cannot be confirmed."""
-        if self.thaw_done:
+    # --- the thaw phase -------------------------------------------------------------------
+
+    async def _settle(self) -> None:
+        """The thaw phase: resolve a freeze whose outcome is not known, then thaw ours.
+        Shielded from cancellation and bounded, every step in it, by ``thaw_timeout`` (a hard
+        deadline on top of each step's own timeout). Raises ThawError if the guest may still
+        be frozen by us."""
+        st = self.state
+        if not st.must_settle:
             return
-        self.thaw_done = True
-        assert self.agent is not None
+        deadline = time.monotonic() + self.t.thaw
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.t.thaw
+            if st.freeze is FreezeState.SENT_UNRESOLVED:
+                await self._resolve(deadline)
+            if st.freeze is FreezeState.OURS:
+                await self._thaw(deadline)
+        last = self.agent_error
+        if st.freeze is FreezeState.SENT_UNRESOLVED:
+            st.thaw_failed()
+            raise ThawError(
+                f"a freeze got no reply and its outcome cannot be read ({last}): "
+                "the guest MAY BE FROZEN; check guest-fsfreeze-status and thaw it",
+                self.record,
+            ) from last
+        if st.freeze is FreezeState.OURS:
+            st.thaw_failed()
+            raise ThawError(
+                f"thawing the guest failed ({last}): THE GUEST MAY STILL BE FROZEN; check "
+                "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)",
+                self.record,
+            ) from last
+
+    async def _thaw(self, deadline: float) -> None:
+        """Thaw our freeze, resyncing, re-reading the status and reconnecting after a
+        failure, until ``deadline``: OURS -> THAWED, or still OURS if it cannot be confirmed."""
+        st = self.state
         agent = self.agent
-        last: BaseException | None = None
+        assert agent is not None
         pause = 0.05
-        with anyio.CancelScope(shield=True):
-            deadline = time.monotonic() + self.orch.thaw_timeout
-            while time.monotonic() < deadline:
-                try:
-                    n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
-                    self.thawed_at = time.monotonic()
-                    self.thawed = n
-                    self.record.thawed = n
-                    if self.freeze_resolved:
-                        self.frozen = n
-                        self.record.frozen = n
+        while time.monotonic() < deadline:
+            try:
+                n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
+                st.thaw_confirmed(n, time.monotonic())
+                return
+            except AgentError as exc:
+                self.agent_error = exc
+                log.warning("thaw failed: %s", exc)
+            # Did it thaw anyway (a lost reply)? The status decides.
+            if time.monotonic() >= deadline:
+                break
+            try:
+                status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
+                if status is FreezeStatus.THAWED:
+                    # The thaw went through; its count was lost with the reply: it thawed
+                    # (at least) what we froze.
+                    st.thaw_confirmed(None, time.monotonic())
+                    log.warning("thaw reply lost, but the guest is thawed")
                     return
-                except AgentError as exc:
-                    last = exc
-                    log.warning("thaw failed: %s", exc)
-                # Did it thaw anyway (a lost reply)? The status decides.
-                try:
-                    status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
-                    if status is FreezeStatus.THAWED:
-                        # The thaw went through; its count was lost with the reply: it thawed
-                        # (at least) what we froze.
-                        self.thawed_at = time.monotonic()
-                        self.thawed = self.record.thawed = self.frozen
-                        log.warning("thaw reply lost, but the guest is thawed")
-                        return
-                except AgentError as exc:
-                    last = exc
-                if not agent.is_connected:
-                    agent = await self._reconnect_agent() or agent
-                    if not agent.is_connected:
-                        break
-                await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 2, 1.0)
-        raise ThawError(
-            f"thawing the guest failed ({last}): THE GUEST MAY STILL BE FROZEN; check "
-            "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)",
-            self.record,
-        ) from last
+            except AgentError as exc:
+                self.agent_error = exc
+            if not agent.is_connected:
+                reconnected = await self._reconnect_agent(deadline)
+                if reconnected is None:
+                    return
+                agent = reconnected
+            await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 1.0)
 
     def _attempt_timeout(self, deadline: float) -> float:
         """One thaw or status attempt may take the agent timeout, or half of what is left of
-        the thaw budget if that is longer, but leaves time to check and retry."""
+        the budget if that is longer, but never more than what is left."""
         remaining = deadline - time.monotonic()
-        return max(0.1, min(remaining, max(self.orch.agent_timeout, remaining / 2)))
+        return max(0.001, min(remaining, max(self.t.agent, remaining / 2)))
 
-    async def _reconnect_agent(self) -> GuestAgent | None:
+    async def _reconnect_agent(self, deadline: float) -> GuestAgent | None:
+        """Connect to the agent's address again (if we have one and its port is open), within
+        ``deadline``; the connection replaced is closed at the end of the run."""
         address = self.orch._agent_address
         if address is None:
             return None
         # Invariant 2 holds for a reconnect too: never write to a port nobody reads.
         try:
-            if not await self.mon.agent_port_open(self.orch.agent_chardev):
-                return None
-        except (AgentError, MonitorError):
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+                port_open = await self.mon.agent_port_open(self.orch.agent_chardev)
+        except (AgentError, MonitorError, TimeoutError):
             return None
-        with contextlib.suppress(AgentError):
-            agent = await GuestAgent.connect(address, timeout=self.orch.agent_timeout)
-            if self.own_agent and self.agent is not None:
-                await self.agent.close()
-            self.agent = agent
-            self.own_agent = True
-            return agent
-        return None
+        left = deadline - time.monotonic()
+        if not port_open or left <= 0:
+            return None
+        try:
+            agent = await GuestAgent.connect(address, timeout=min(self.t.agent, left))
+        except AgentError:
+            return None
+        agent.timeout = self.t.agent
+        if self.own_agent and self.agent is not None:
+            self.stale_agents.append(self.agent)
+        self.agent = agent
+        self.own_agent = True
+        return agent
+
+    async def _close_agents(self) -> None:
+        agents = list(self.stale_agents)
+        if self.own_agent and self.agent is not None:
+            agents.append(self.agent)
+        self.stale_agents.clear()
+        for agent in agents:
+            await agent.close()
 
     # --- cleanup --------------------------------------------------------------------------
 
@@ -842,20 +1146,21 @@ class _Operation:
         try:
             await run_to_completion(self._undo())
         finally:
-            self.times["cleanup"] = time.monotonic() - t
+            self.times[Phase.CLEANUP.value] = time.monotonic() - t
         log.info("snapshot failed (%s); record: %s", exc, self.record)
 
     async def _undo(self) -> None:
+        st = self.state
         with anyio.CancelScope(shield=True):
-            if self.transaction_sent and self.record.snapshot_taken is False:
+            if st.transaction is TransactionState.SENT:
                 # E.g. cancelled while the transaction was in flight: QEMU may have applied it.
                 with contextlib.suppress(SnapshotError):
-                    self.record.snapshot_taken = await self._transaction_applied()
-            if self.record.snapshot_taken is not False:
+                    await self._learn_transaction()
+            if st.snapshot_taken is not False:
                 return  # the overlays are the VM's active layers now, or may be
-            with anyio.move_on_after(self.orch.command_timeout * 2):
+            with anyio.move_on_after(self.t.command * 2):
                 try:
-                    existing: set[str] | None = {n.node_name for n in await self.mon.named_block_nodes()}
+                    existing: set[str] | None = set(await self._block_nodes())
                 except MonitorError as exc:
                     log.warning("cleanup: cannot list the block nodes (%s)", exc)
                     existing = None
@@ -865,27 +1170,26 @@ class _Operation:
     async def _remove_overlay(self, ov: _Overlay, existing: set[str] | None) -> None:
         """Detach the overlay's nodes that exist, then remove its file, but only once no node
         of ours can hold it open (``existing``: the node names QEMU has, None if unknown)."""
-        t = self.orch.command_timeout
-        for added, name in ((ov.node_added, ov.node_name), (ov.file_node_added, ov.file_node_name)):
-            if not added or (existing is not None and name not in existing):
+        st = self.state
+        t = self.t.command
+        for step, name in ((_Step.NODE, ov.node_name), (_Step.FILE_NODE, ov.file_node_name)):
+            if ov.step < step or (existing is not None and name not in existing):
                 continue  # never sent, or sent and not applied
-            if name == ov.node_name and name not in self.record.overlays_added:
-                self.record.overlays_added.append(name)  # its reply was lost, but it is there
+            if name == ov.node_name:
+                st.overlay_added(name)  # its reply may have been lost, but it is there
             try:
                 await self.mon.execute("blockdev-del", {"node-name": name}, timeout=t)
             except MonitorError as exc:
                 log.warning("cleanup: blockdev-del %s failed: %s", name, exc)
                 return  # the file may still be open in QEMU: leave it
             if name == ov.node_name:
-                self.record.overlays_removed.append(name)
-        if ov.file_created:
+                st.overlay_removed(name)
+        if ov.step >= _Step.FILE:
             try:
                 os.unlink(ov.path)
             except FileNotFoundError:
                 return  # the job never made it
-            except OSError as exc:
+            except (OSError, ValueError) as exc:
                 log.warning("cleanup: cannot remove %s: %s", ov.path, exc)
                 return
-            if ov.path not in self.record.files_created:
-                self.record.files_created.append(ov.path)
-            self.record.files_removed.append(ov.path)
+            st.file_removed(ov.path)

@@ -19,6 +19,10 @@ Outcome codes: ``Q`` quiesced (freeze owner self), ``QR`` quiesced after resolvi
 whose reply was lost, ``X`` quiesced by someone else's freeze (external), ``C``
 crash-consistent snapshot, ``E`` SnapshotError (no snapshot), ``T`` ThawError.
 
+Each case also states where the two state machines of ``qmpagent.snapshot_state`` end, as
+``freeze/transaction`` (e.g. ``thawed/applied``, ``skipped/not-sent``, ``thaw-failed/unknown``),
+per mode: the table ``STATES`` below. That is the matrix read over the states.
+
 Set ``QMPAGENT_FAULT_MATRIX=<file>`` to have the matrix's results written there as a table.
 """
 
@@ -85,6 +89,15 @@ class Outcome:
     error: QMPAgentError | None
     elapsed: float
     code: str
+
+    @property
+    def states(self) -> str:
+        """The final freeze and transaction states, e.g. ``thawed/applied``."""
+        if self.result is not None:
+            return f"{self.result.freeze_state}/{self.result.transaction_state}"
+        if isinstance(self.error, SnapshotError):
+            return f"{self.error.record.freeze_state}/{self.error.record.transaction_state}"
+        return "-"
 
 
 def classify(result: SnapshotResult | None, error: QMPAgentError | None) -> str:
@@ -220,12 +233,16 @@ async def run_and_check(case: Case, mode: str, expect: str) -> Outcome:
             await agent.wait_idle(timeout=10)
         state["eventually_frozen"] = agent.frozen
         RESULTS.setdefault(case.id, {})[mode] = (
-            f"{outcome.code} ({outcome.elapsed:.1f}s)" if outcome.code == expect
+            f"{outcome.code} {outcome.states} ({outcome.elapsed:.1f}s)" if outcome.code == expect
             else f"{outcome.code} (expected {expect})"
         )
         assert outcome.code == expect, (
             f"{case.id}/{mode}: expected {expect}, got {outcome.code}: "
             f"{outcome.error or outcome.result}"
+        )
+        expected_states = STATES.get(case.id, ("-", "-"))[MODES.index(mode)]
+        assert expected_states == "-" or outcome.states == expected_states, (
+            f"{case.id}/{mode}: expected the states {expected_states}, got {outcome.states}"
         )
         check_invariants(vm, case, outcome, state)
         return outcome
@@ -439,6 +456,55 @@ QMP_CASES = [
 ]
 
 CASES = AGENT_CASES + GUEST_CASES + QMP_CASES
+
+# --- the final states, per case and mode: "freeze/transaction" -------------------------------
+
+QUIESCED = ("thawed/applied", "thawed/applied")
+NOT_FROZEN = ("not-frozen/not-sent", "not-frozen/applied")  # the freeze froze nothing of ours
+SKIPPED = ("skipped/not-sent", "skipped/applied")  # no freeze was sent
+PREPARE_FAILED = ("not-tried/not-sent", "not-tried/not-sent")  # failed before the freeze
+
+STATES: dict[str, tuple[str, str]] = {}
+for (_cmd, _fault), (_req, _pref) in AGENT_EXPECT.items():
+    _id = f"agent:{_short(_cmd)}:{_fault}"
+    if _req in ("Q", "QR"):
+        STATES[_id] = QUIESCED
+    elif _cmd in PREFLIGHT:
+        STATES[_id] = SKIPPED
+    elif _req == "T":  # a freeze that may be ours (not-sent) or a thaw that failed (applied)
+        state = "thaw-failed/not-sent" if _cmd == "guest-fsfreeze-freeze" else "thaw-failed/applied"
+        STATES[_id] = (state, state)
+STATES.update({
+    # frozen since the request, past freeze_timeout: ours, thawed at once; no transaction in
+    # the window (preferred: a crash-consistent one after the thaw)
+    "agent:freeze:delay-past-timeout": ("thawed/not-sent", "thawed/applied"),
+    "agent:freeze:no-reply-no-effect": NOT_FROZEN,  # the status said thawed
+    "agent:freeze:disconnect-no-effect": NOT_FROZEN,
+    "agent:freeze:error": NOT_FROZEN,
+    "guest:already-frozen": ("external/applied", "external/applied"),
+    "guest:foreign-freeze": NOT_FROZEN,  # count 0
+    "guest:freeze-fails-in-guest": NOT_FROZEN,
+    "guest:freeze-disabled": SKIPPED,
+    "guest:port-closed": SKIPPED,
+    "guest:vm-paused": SKIPPED,
+    "conn:sync:hang": SKIPPED,
+    "conn:freeze:no-reply+effect": QUIESCED,
+    "conn:freeze:disconnect+effect": ("thaw-failed/not-sent", "thaw-failed/not-sent"),
+    "conn:thaw:disconnect+effect": ("thaw-failed/applied", "thaw-failed/applied"),
+    "conn:thaw:error": QUIESCED,
+    "must:freeze-lost-frozen": QUIESCED,
+    "qmp:query-status:delay-short": QUIESCED,
+    "qmp:transaction:delay-short": QUIESCED,
+    "qmp:transaction:fails": ("thawed/not-applied", "thawed/not-applied"),
+    "qmp:transaction:no-reply-no-effect": ("thawed/not-applied", "thawed/applied"),
+    "qmp:transaction:disconnect-no-effect": ("thawed/unknown", "thawed/unknown"),
+    "qmp:transaction:disconnect+effect": ("thawed/unknown", "thawed/unknown"),
+    "qmp:transaction:qemu-dies": ("thaw-failed/unknown", "thaw-failed/unknown"),
+})
+for _case in QMP_CASES:
+    STATES.setdefault(_case.id, PREPARE_FAILED)  # QEMU failed at preflight or prepare
+for _case in CASES:
+    assert _case.id in STATES, f"no final states for {_case.id}"
 
 
 def _params() -> Iterator[Any]:
