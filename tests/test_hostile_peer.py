@@ -13,7 +13,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +28,6 @@ from qmpagent import (
     UsageError,
 )
 from qmpagent.testing.fake_qmp import FakeCall, FakeQMPServer
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeQMPServer]:
-    async with FakeQMPServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def mon(fake: FakeQMPServer) -> AsyncIterator[Monitor]:
-    monitor = await Monitor.connect(fake.address, command_timeout=5.0)
-    try:
-        yield monitor
-    finally:
-        await monitor.close()
 
 
 def _returning(value: Any) -> Callable[[FakeCall], Any]:

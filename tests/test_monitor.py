@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +36,6 @@ from qmpagent.monitor import (
     data_matches,
 )
 from qmpagent.testing.fake_qmp import FakeCall, FakeQMPError, FakeQMPServer, Fault, FaultKind
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeQMPServer]:
-    async with FakeQMPServer() as server:
-        yield server
-
-
-@pytest.fixture
-async def mon(fake: FakeQMPServer) -> AsyncIterator[Monitor]:
-    monitor = await Monitor.connect(fake.address, command_timeout=5.0)
-    try:
-        yield monitor
-    finally:
-        await monitor.close()
 
 
 def _state(mon: Monitor) -> MonitorState:
