@@ -234,7 +234,9 @@ def _debian_mirror() -> str:
     if env:
         return env
     uris: list[str] = []
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    # apt reads only *.list and *.sources there (not, e.g., *.disabled files).
+    parts = Path("/etc/apt/sources.list.d")
+    sources = [Path("/etc/apt/sources.list"), *sorted(parts.glob("*.list")), *sorted(parts.glob("*.sources"))]
     for path in sources:
         try:
             text = path.read_text()
