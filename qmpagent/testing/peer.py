@@ -235,8 +235,9 @@ def _debian_mirror() -> str:
         return env
     uris: list[str] = []
     # apt reads only *.list and *.sources there (not, e.g., *.disabled files).
-    parts = Path("/etc/apt/sources.list.d")
-    sources = [Path("/etc/apt/sources.list"), *sorted(parts.glob("*.list")), *sorted(parts.glob("*.sources"))]
+    listdir = Path("/etc/apt/sources.list.d")
+    sources = [Path("/etc/apt/sources.list"), *sorted(listdir.glob("*.list")),
+               *sorted(listdir.glob("*.sources"))]
     for path in sources:
         try:
             text = path.read_text()
