@@ -52,7 +52,7 @@ from typing import Any, Final
 import anyio
 
 from ._shield import run_to_completion
-from .agent import AgentAddress, FreezeStatus, GuestAgent
+from .agent import AgentAddress, FreezeStatus, GuestAgent, check_address
 from .errors import (
     AgentCommandError,
     AgentError,
@@ -305,8 +305,10 @@ class SnapshotOrchestrator:
     ) -> None:
         self.monitor = monitor
         self._agent: GuestAgent | None = agent if isinstance(agent, GuestAgent) else None
+        # A bad address is the caller's mistake, said here rather than in the middle of a
+        # snapshot (where, under quiesce="preferred", it would only become a reason).
         self._agent_address: AgentAddress | None = (
-            None if agent is None or isinstance(agent, GuestAgent) else agent
+            None if agent is None or isinstance(agent, GuestAgent) else check_address(agent)
         )
         self.agent_timeout = _seconds("agent_timeout", agent_timeout)
         self.thaw_timeout = _seconds("thaw_timeout", thaw_timeout)

@@ -539,3 +539,17 @@ async def test_13_an_out_of_range_count_is_never_reported(where: str) -> None:
         assert result.freeze_state is FreezeState.THAWED
         assert result.transaction_state is TransactionState.APPLIED
         assert not vm.agent.frozen
+
+
+@pytest.mark.parametrize(
+    "address",
+    [("127.0.0.1", 70000), ("127.0.0.1", -1), ("127.0.0.1", True), "/tmp/a\0b", "/tmp/\ud800",
+     ("vsock", 2**32, 1), ("vsock", 3, -1)],
+    ids=["port-70000", "port-minus-1", "port-bool", "nul-in-path", "surrogate", "cid", "vsock-port"],
+)
+async def test_8_a_bad_agent_address_is_refused_when_the_orchestrator_is_made(
+    fake_vm: FakeVM, address: object
+) -> None:
+    async with await Monitor.connect(fake_vm.qmp_address) as mon:
+        with pytest.raises(UsageError):
+            SnapshotOrchestrator(mon, agent=address)  # type: ignore[arg-type]
