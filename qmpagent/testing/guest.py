@@ -204,10 +204,12 @@ class Guest:
 
     async def stop_agent(self, timeout: float = 60.0) -> None:
         """Stop ``qemu-ga`` in the guest and keep it stopped until :meth:`start_agent`."""
+        # Until no qemu-ga is left (pidof fails): robust to none running yet, to one the
+        # guest's init was just restarting, and to busybox versions whose `kill -0` without a
+        # pid succeeds.
         await self.run(
-            "touch /run/qga.hold; p=$(pidof qemu-ga); "
-            "[ -n \"$p\" ] && kill $p; i=0; while [ -n \"$p\" ] && kill -0 $p 2>/dev/null "
-            "&& [ $i -lt 3000 ]; do usleep 10000; i=$((i+1)); done; ! kill -0 $p 2>/dev/null",
+            "touch /run/qga.hold; i=0; while p=$(pidof qemu-ga) && [ $i -lt 3000 ]; do "
+            "kill $p 2>/dev/null; usleep 10000; i=$((i+1)); done; ! pidof qemu-ga >/dev/null",
             timeout,
         )
 
