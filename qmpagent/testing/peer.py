@@ -148,10 +148,7 @@ class Peer:
         program = self.find(name)
         if self.is_host:
             return [str(program)]
-        loader = self.root / _LOADER
-        if not loader.exists():
-            raise PeerError(f"the {self.name} root {self.root} has no {_LOADER}")
-        return [str(loader), "--library-path", self.library_path, str(program)]
+        return [*self.command_loader(), str(program)]
 
     def qemu_command(self) -> list[str]:
         """``qemu-system-x86_64`` with the root's firmware directories."""
@@ -184,8 +181,15 @@ class Peer:
         return libs
 
     def command_loader(self) -> list[str]:
-        """The root's dynamic loader with its library path (peer roots only)."""
-        return [str(self.root / _LOADER), "--library-path", self.library_path]
+        """The root's dynamic loader with its library path (peer roots only).
+
+        Raises:
+            PeerError: the root has no loader (a broken or partial root).
+        """
+        loader = self.root / _LOADER
+        if not loader.exists():
+            raise PeerError(f"the {self.name} root {self.root} has no {_LOADER}")
+        return [str(loader), "--library-path", self.library_path]
 
 
 def get_peer(
