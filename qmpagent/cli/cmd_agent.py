@@ -1,0 +1,355 @@
+"""``qmpagent agent ACTION``: the guest agent (:class:`~qmpagent.GuestAgent`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..agent import AgentAddress, AgentInfo, ExecResult, GuestAgent
+from ..errors import AgentUnavailable, MonitorTimeout
+from ..monitor import Monitor
+from . import argtypes
+from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
+from .command import ADDRESS_HELP, Command, CommonOptions, Group
+from .connect import closing
+from .exit_codes import ExitCode, exit_code_help
+from .output import PROG, WIDTH, dumps, emit_json, err, ms, out, size
+
+__all__ = ["AGENT", "AgentOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentOptions(CommonOptions):
+    """The options of every ``agent`` action: where the agent is, and how long to wait."""
+
+    agent: AgentAddress | None
+    qmp: QMPAddress | None
+    timeout: float
+    wait_port: float | None
+
+    def usage_problem(self) -> str | None:
+        """``--agent`` is required; ``--wait-port`` needs ``--qmp``."""
+        if self.agent is None:
+            return f"--agent is required (or set ${AGENT_ENV})"
+        if self.wait_port is not None and self.qmp is None:
+            return f"--wait-port needs --qmp (or ${QMP_ENV})"
+        return None
+
+
+def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if leaf else value
+
+    g = parser.add_argument_group("agent connection")
+    g.add_argument("--agent", type=argtypes.parse_agent_address, metavar="ADDR",
+                   default=default(os.environ.get(AGENT_ENV) or None),
+                   help=f"the agent's socket: PATH, HOST:PORT or vsock:CID:PORT (${AGENT_ENV})")
+    g.add_argument("--qmp", type=argtypes.parse_qmp_address, metavar="ADDR",
+                   default=default(os.environ.get(QMP_ENV) or None),
+                   help="QMP socket: if given, first check that the agent's port is open in the "
+                   f"guest, so a stopped qemu-ga fails fast (${QMP_ENV})")
+    g.add_argument("--timeout", type=argtypes.seconds, metavar="SECONDS", default=default(5.0),
+                   help="timeout of the connect, the sync and each agent command (default 5)")
+    g.add_argument("--wait-port", type=argtypes.seconds, metavar="SECONDS", default=default(None),
+                   help="with --qmp: wait up to SECONDS for the agent's port to open (a booting "
+                   "guest) instead of failing at once")
+
+
+async def _check_agent_port(opts: AgentOptions) -> None:
+    """With ``--qmp``: check (or, with ``--wait-port``, wait) that the guest has the agent's
+    virtio-serial port open before sending the agent anything."""
+    assert opts.qmp is not None
+    async with closing(await Monitor.connect(
+        opts.qmp, timeout=opts.timeout, command_timeout=opts.timeout, name="cli"
+    )) as mon:
+        if opts.wait_port is not None:
+            try:
+                await mon.wait_agent_port(timeout=opts.wait_port)
+            except MonitorTimeout as exc:
+                raise AgentUnavailable(
+                    f"the guest agent's port did not open in the guest within {opts.wait_port}s "
+                    "(qemu-ga not running)"
+                ) from exc
+        elif not await mon.agent_port_open():
+            raise AgentUnavailable(
+                "the guest agent is not running: its virtio-serial port is closed in the guest"
+            )
+
+
+_A = TypeVar("_A", bound=AgentOptions)
+
+
+def _action(
+    name: str,
+    help: str,
+    options: type[_A],
+    act: Callable[[GuestAgent, _A], Awaitable[int]],
+    **kwargs: Any,
+) -> Command[_A]:
+    """An agent action: ``act`` runs on the agent, connected (after the port check with --qmp)."""
+    async def run(opts: _A) -> int:
+        if opts.qmp is not None:
+            await _check_agent_port(opts)
+        assert opts.agent is not None  # AgentOptions.usage_problem
+        async with closing(await GuestAgent.connect(opts.agent, timeout=opts.timeout)) as ga:
+            return await act(ga, opts)
+
+    return Command(name, help, options, run, **kwargs)
+
+
+async def _ping(ga: GuestAgent, opts: AgentOptions) -> int:
+    started = time.perf_counter()
+    await ga.ping()
+    elapsed = time.perf_counter() - started
+    if opts.json:
+        emit_json({"ok": True, "seconds": elapsed})
+    else:
+        out(f"ok: the guest agent answers ({ms(elapsed)})")
+    return ExitCode.OK
+
+
+def _print_info(info: AgentInfo) -> None:
+    cmds = info.commands
+    disabled = sorted(c.name for c in cmds.values() if not c.enabled)
+    out(f"qemu-ga {info.version}: {len(cmds)} commands, {len(cmds) - len(disabled)} enabled")
+    if disabled:
+        out(f"disabled: {', '.join(disabled)}")
+    names = sorted(cmds)
+    width = max((len(n) for n in names), default=0) + 2
+    columns = max(1, (WIDTH - 2) // width)
+    rows = -(-len(names) // columns)
+    for r in range(rows):
+        out("  " + "".join(f"{n:<{width}}" for n in names[r::rows]).rstrip())
+
+
+async def _info(ga: GuestAgent, opts: AgentOptions) -> int:
+    info = await ga.info()
+    if opts.json:
+        emit_json(dict(info))
+    else:
+        _print_info(info)
+    return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _FsfreezeOptions(AgentOptions):
+    op: str
+    mountpoint: list[str] | None
+
+    def usage_problem(self) -> str | None:
+        problem = super().usage_problem()
+        if problem is None and self.mountpoint and self.op != "freeze":
+            return "--mountpoint applies to freeze only"
+        return problem
+
+
+def _fsfreeze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("op", choices=("status", "freeze", "thaw"), help="status, freeze or thaw")
+    p.add_argument("--mountpoint", action="append", metavar="PATH",
+                   help="freeze only this mountpoint (repeatable; guest-fsfreeze-freeze-list)")
+
+
+async def _fsfreeze(ga: GuestAgent, opts: _FsfreezeOptions) -> int:
+    if opts.op == "status":
+        status = await ga.fsfreeze_status()
+        if opts.json:
+            emit_json({"status": status.value})
+        else:
+            out(status.value)
+    elif opts.op == "freeze":
+        n = await ga.fsfreeze_freeze(opts.mountpoint or None)
+        if opts.json:
+            emit_json({"frozen": n})
+        elif n:
+            out(f"froze {n} filesystem(s); they stay frozen until `{PROG} agent fsfreeze thaw`")
+        else:
+            out("froze 0 filesystems (nothing to freeze, or frozen already by another tool)")
+    else:
+        n = await ga.fsfreeze_thaw()
+        if opts.json:
+            emit_json({"thawed": n})
+        else:
+            out(f"thawed {n} filesystem(s)")
+    return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExecOptions(AgentOptions):
+    env: list[str] | None
+    stdin: bool
+    exec_timeout: float
+    path: str
+    args: list[str]
+
+
+def _exec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", action="append", metavar="NAME=VALUE",
+                   help="an environment entry for the program (repeatable)")
+    p.add_argument("--stdin", action="store_true", help="pass our standard input to the program")
+    p.add_argument("--exec-timeout", type=argtypes.seconds, metavar="SECONDS", default=60.0,
+                   help="how long the program may run (default 60); it is not killed after")
+    p.add_argument("path", metavar="PATH", help="the program, e.g. /bin/sh")
+    p.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER, help="its arguments")
+
+
+def _exec_json(res: ExecResult) -> dict[str, Any]:
+    return {
+        "pid": res.pid,
+        "exitcode": res.exitcode,
+        "signal": res.signal,
+        "stdout": res.stdout.decode("utf-8", "replace"),
+        "stderr": res.stderr.decode("utf-8", "replace"),
+        "stdout_truncated": res.stdout_truncated,
+        "stderr_truncated": res.stderr_truncated,
+    }
+
+
+async def _exec(ga: GuestAgent, opts: _ExecOptions) -> int:
+    input_data = sys.stdin.buffer.read() if opts.stdin else None
+    res = await ga.exec(
+        opts.path, opts.args, env=opts.env, input_data=input_data, timeout=opts.exec_timeout
+    )
+    if opts.json:
+        emit_json(_exec_json(res))
+    else:
+        sys.stdout.buffer.write(res.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(res.stderr)
+        sys.stderr.flush()
+    for name, truncated in (("stdout", res.stdout_truncated), ("stderr", res.stderr_truncated)):
+        if truncated:
+            err(f"warning: the agent truncated the program's {name}")
+    if res.ok:
+        return ExitCode.OK
+    how = f"was killed by signal {res.signal}" if res.signal is not None else (
+        f"exited with status {res.exitcode}"
+    )
+    err(f"error: {opts.path} (pid {res.pid} in the guest) {how}")
+    return ExitCode.COMMAND_ERROR
+
+
+async def _osinfo(ga: GuestAgent, opts: AgentOptions) -> int:
+    info = await ga.get_osinfo()
+    if opts.json:
+        emit_json(info)
+    else:
+        width = max((len(k) for k in info), default=0)
+        for key, value in info.items():
+            out(f"{key + ':':<{width + 1}} {value}")
+    return ExitCode.OK
+
+
+def _fs_disks(fs: dict[str, Any]) -> str:
+    parts = []
+    for disk in fs.get("disk") or []:
+        if not isinstance(disk, dict):
+            continue
+        bits = [str(disk.get("dev") or "?"), str(disk.get("bus-type") or "?")]
+        if disk.get("serial"):
+            bits.append(f"serial={disk['serial']}")
+        parts.append(" ".join(bits))
+    return ", ".join(parts) or "-"
+
+
+async def _fsinfo(ga: GuestAgent, opts: AgentOptions) -> int:
+    fsinfo = await ga.get_fsinfo()
+    if opts.json:
+        emit_json(fsinfo)
+        return ExitCode.OK
+    rows = [
+        (
+            str(fs.get("mountpoint", "?")),
+            str(fs.get("type", "?")),
+            str(fs.get("name", "?")),
+            f"{size(fs.get('used-bytes'))} of {size(fs.get('total-bytes'))}"
+            if "total-bytes" in fs else "-",
+            _fs_disks(fs),
+        )
+        for fs in fsinfo
+    ]
+    header = ("MOUNTPOINT", "TYPE", "NAME", "USED", "DISKS")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        out("  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=False)) + "  " + row[4])
+    return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExecuteOptions(AgentOptions):
+    name: str
+    arguments: dict[str, Any] | None
+
+
+def _execute_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="COMMAND", help="e.g. guest-get-time")
+    p.add_argument("arguments", metavar="ARGS", type=argtypes.json_object, nargs="?",
+                   help="its arguments as a JSON object ('-': read from stdin)")
+
+
+async def _execute(ga: GuestAgent, opts: _ExecuteOptions) -> int:
+    value = await ga.execute(opts.name, opts.arguments)
+    if opts.json:
+        emit_json(value)
+    elif value is not None:
+        out(dumps(value, pretty=True))
+    return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShutdownOptions(AgentOptions):
+    mode: str
+
+
+def _shutdown_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("powerdown", "halt", "reboot"), default="powerdown")
+
+
+async def _shutdown(ga: GuestAgent, opts: _ShutdownOptions) -> int:
+    await ga.shutdown(opts.mode)
+    if opts.json:
+        emit_json({"ok": True, "mode": opts.mode})
+    else:
+        out(f"guest-shutdown ({opts.mode}) sent; the agent does not confirm it")
+    return ExitCode.OK
+
+
+#: ``qmpagent agent``.
+AGENT: Group = Group(
+    name="agent",
+    help="talk to the guest agent: ping, info, fsfreeze, exec, osinfo, fsinfo, ...",
+    description="Talk to the QEMU guest agent (qemu-ga) in a VM. The channel is synced "
+    "(guest-sync-delimited) on connect; with --qmp the agent's port is checked first.",
+    epilog=f"{ADDRESS_HELP}\n\nexamples:\n"
+    f"  {PROG} agent --agent /run/vm1/qga.sock ping\n"
+    f"  {PROG} agent --agent /run/vm1/qga.sock --qmp /run/vm1/qmp.sock fsfreeze status\n"
+    f"  {PROG} agent --agent vsock:3:1234 exec /bin/sh -c 'df -h'\n"
+    f"  {PROG} --json agent --agent 127.0.0.1:4445 info\n\n{exit_code_help()}",
+    add_options=_add_options,
+    actions=(
+        _action("ping", "check that the agent answers (guest-ping)", AgentOptions, _ping),
+        _action("info", "the agent's version and commands (guest-info)", AgentOptions, _info),
+        _action("fsfreeze", "freeze state of the guest's filesystems: status, freeze, thaw",
+                _FsfreezeOptions, _fsfreeze, add_arguments=_fsfreeze_arguments,
+                description="guest-fsfreeze-status / -freeze / -thaw. A freeze made here stays "
+                "until you thaw it. A freeze that froze 0 filesystems froze nothing (maybe another "
+                "tool holds a freeze: do not thaw it)."),
+        _action("exec", "run a program in the guest and wait for it (guest-exec)",
+                _ExecOptions, _exec, add_arguments=_exec_arguments,
+                description="Run a program in the guest (guest-exec), wait for it, and write its "
+                "stdout and stderr to ours. Exit status 0 if it exited 0, else 6 (command error); "
+                "--json gives its exitcode, signal and output. Put qmpagent's options before PATH: "
+                "everything after PATH goes to the program."),
+        _action("osinfo", "the guest OS (guest-get-osinfo)", AgentOptions, _osinfo),
+        _action("fsinfo", "the guest's filesystems and disks (guest-get-fsinfo)",
+                AgentOptions, _fsinfo),
+        _action("execute", "run any agent command with JSON arguments", _ExecuteOptions, _execute,
+                add_arguments=_execute_arguments),
+        _action("shutdown", "shut the guest down (guest-shutdown; no reply)", _ShutdownOptions,
+                _shutdown, add_arguments=_shutdown_arguments),
+    ),
+)

@@ -1,0 +1,172 @@
+"""``qmpagent qmp ACTION``: QMP (:class:`~qmpagent.Monitor`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+
+from ..errors import EventOverflow
+from ..monitor import Monitor
+from . import argtypes
+from .argtypes import QMP_ENV, QMPAddress
+from .command import ADDRESS_HELP, Command, CommonOptions, Group
+from .connect import closing
+from .exit_codes import ExitCode, exit_code_help
+from .output import PROG, dumps, emit_json, err, out, print_event, tty
+
+__all__ = ["QMP", "QMPOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QMPOptions(CommonOptions):
+    """The options of every ``qmp`` action: where QMP is, and how long to wait."""
+
+    qmp: QMPAddress | None
+    timeout: float
+    connect_timeout: float
+
+    def usage_problem(self) -> str | None:
+        """``--qmp`` is required."""
+        return f"--qmp is required (or set ${QMP_ENV})" if self.qmp is None else None
+
+
+def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if leaf else value
+
+    g = parser.add_argument_group("QMP connection")
+    g.add_argument("--qmp", type=argtypes.parse_qmp_address, metavar="ADDR",
+                   default=default(os.environ.get(QMP_ENV) or None),
+                   help=f"QMP socket: PATH or HOST:PORT (${QMP_ENV})")
+    g.add_argument("--timeout", type=argtypes.seconds, metavar="SECONDS", default=default(30.0),
+                   help="timeout of each QMP command, and of wait-event (default 30)")
+    g.add_argument("--connect-timeout", type=argtypes.seconds, metavar="SECONDS", default=default(10.0),
+                   help="timeout of the connect and QMP handshake (default 10)")
+
+
+_Q = TypeVar("_Q", bound=QMPOptions)
+
+
+def _action(
+    name: str,
+    help: str,
+    options: type[_Q],
+    act: Callable[[Monitor, _Q], Awaitable[int]],
+    **kwargs: Any,
+) -> Command[_Q]:
+    """A QMP action: ``act`` runs on the monitor, connected."""
+    async def run(opts: _Q) -> int:
+        assert opts.qmp is not None  # QMPOptions.usage_problem
+        async with closing(await Monitor.connect(
+            opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.timeout, name="cli"
+        )) as mon:
+            return await act(mon, opts)
+
+    return Command(name, help, options, run, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExecuteOptions(QMPOptions):
+    name: str
+    arguments: dict[str, Any] | None
+
+
+def _execute_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="COMMAND", help="e.g. query-status")
+    p.add_argument("arguments", metavar="ARGS", type=argtypes.json_object, nargs="?",
+                   help="its arguments as a JSON object ('-': read from stdin)")
+
+
+async def _execute(mon: Monitor, opts: _ExecuteOptions) -> int:
+    value = await mon.execute(opts.name, opts.arguments)
+    if opts.json:
+        emit_json(value)
+    else:
+        out(dumps(value, pretty=True))
+    return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _EventsOptions(QMPOptions):
+    names: list[str]
+    duration: float | None
+    count: int | None
+
+
+def _events_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", metavar="EVENT", nargs="*", help="only these events (default: all)")
+    p.add_argument("--duration", type=argtypes.seconds, metavar="SECONDS", help="stop after SECONDS")
+    p.add_argument("--count", type=argtypes.count, metavar="N", help="stop after N events")
+
+
+async def _events(mon: Monitor, opts: _EventsOptions) -> int:
+    seen = 0
+    async with mon.listen(*opts.names) as events:
+        if tty(sys.stderr) and not opts.json:
+            what = ", ".join(opts.names) or "all"
+            until = f"for {opts.duration}s" if opts.duration else "until Ctrl-C"
+            err(f"watching {what} events {until}")
+        with anyio.move_on_after(opts.duration):
+            while opts.count is None or seen < opts.count:
+                try:
+                    event = await events.get(timeout=None)
+                except EventOverflow as exc:
+                    err(f"warning: {exc}")
+                    continue
+                print_event(event, opts.json)
+                seen += 1
+    return ExitCode.OK
+
+
+@dataclasses.dataclass(frozen=True)
+class _WaitEventOptions(QMPOptions):
+    name: str
+    match: dict[str, Any] | None
+
+
+def _wait_event_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="EVENT", help="e.g. SHUTDOWN or VSERPORT_CHANGE")
+    p.add_argument("--match", type=argtypes.json_object, metavar="JSON",
+                   help="a JSON object the event's data must contain, e.g. '{\"open\": true}'")
+
+
+async def _wait_event(mon: Monitor, opts: _WaitEventOptions) -> int:
+    event = await mon.wait_event(opts.name, match=opts.match, timeout=opts.timeout)
+    print_event(event, opts.json)
+    return ExitCode.OK
+
+
+#: ``qmpagent qmp``.
+QMP: Group = Group(
+    name="qmp",
+    help="talk QMP: execute a command, stream events, wait for an event",
+    description="Talk to QEMU over QMP.",
+    epilog=f"{ADDRESS_HELP}\n\nexamples:\n"
+    f"  {PROG} qmp --qmp /run/vm1/qmp.sock execute query-status\n"
+    f"  {PROG} qmp --qmp 127.0.0.1:4444 execute query-block-jobs\n"
+    f"  {PROG} qmp --qmp /run/vm1/qmp.sock execute blockdev-del '{{\"node-name\": \"ov1\"}}'\n"
+    f"  {PROG} --json qmp --qmp /run/vm1/qmp.sock events --duration 60 >> events.jsonl\n"
+    f"  {PROG} qmp --qmp /run/vm1/qmp.sock wait-event SHUTDOWN --timeout 300\n\n"
+    f"{exit_code_help()}",
+    add_options=_add_options,
+    actions=(
+        _action("execute", "run a QMP command with JSON arguments; print its return value",
+                _ExecuteOptions, _execute, add_arguments=_execute_arguments),
+        _action("events", "print events as they come, until Ctrl-C, --duration or --count",
+                _EventsOptions, _events, add_arguments=_events_arguments, stop_is_ok=True,
+                description="Print QMP events as they arrive: one line each (time, name, data), "
+                "or with --json one JSON object per line. Stops on Ctrl-C or SIGTERM (exit 0), "
+                "after --duration seconds or after --count events."),
+        _action("wait-event", "wait for an event (matching --match); print it",
+                _WaitEventOptions, _wait_event, add_arguments=_wait_event_arguments,
+                description="Wait for the next event NAME whose data contains --match, and print "
+                "it. Only events that arrive after the connection are seen. Exit status 5 if "
+                "none comes within --timeout."),
+    ),
+)
