@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ..agent import AgentAddress, AgentInfo, ExecResult, GuestAgent
 from ..errors import AgentUnavailable, MonitorTimeout
 from ..monitor import Monitor
 from . import argtypes
 from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
-from .command import ADDRESS_HELP, Command, CommonOptions, Group
+from .command import (
+    ADDRESS_HELP,
+    Command,
+    CommonOptions,
+    ExecuteFields,
+    Group,
+    add_execute_arguments,
+    connected,
+    shared_default,
+)
 from .connect import closing
 from .exit_codes import ExitCode, exit_code_help
 from .output import PROG, WIDTH, dumps, emit_json, err, ms, out, size
@@ -42,9 +52,7 @@ class AgentOptions(CommonOptions):
 
 
 def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
-    def default(value: object) -> object:
-        return argparse.SUPPRESS if leaf else value
-
+    default = shared_default(not leaf)
     g = parser.add_argument_group("agent connection")
     g.add_argument("--agent", type=argtypes.parse_agent_address, metavar="ADDR",
                    default=default(os.environ.get(AGENT_ENV) or None),
@@ -81,25 +89,14 @@ async def _check_agent_port(opts: AgentOptions) -> None:
             )
 
 
-_A = TypeVar("_A", bound=AgentOptions)
-
-
-def _action(
-    name: str,
-    help: str,
-    options: type[_A],
-    act: Callable[[GuestAgent, _A], Awaitable[int]],
-    **kwargs: Any,
-) -> Command[_A]:
-    """An agent action: ``act`` runs on the agent, connected (after the port check with --qmp)."""
-    async def run(opts: _A) -> int:
-        if opts.qmp is not None:
-            await _check_agent_port(opts)
-        assert opts.agent is not None  # AgentOptions.usage_problem
-        async with closing(await GuestAgent.connect(opts.agent, timeout=opts.timeout)) as ga:
-            return await act(ga, opts)
-
-    return Command(name, help, options, run, **kwargs)
+@contextlib.asynccontextmanager
+async def _agent(opts: AgentOptions) -> AsyncIterator[GuestAgent]:
+    """The agent, connected (after the port check with --qmp)."""
+    if opts.qmp is not None:
+        await _check_agent_port(opts)
+    assert opts.agent is not None  # AgentOptions.usage_problem
+    async with closing(await GuestAgent.connect(opts.agent, timeout=opts.timeout)) as ga:
+        yield ga
 
 
 async def _ping(ga: GuestAgent, opts: AgentOptions) -> int:
@@ -280,15 +277,8 @@ async def _fsinfo(ga: GuestAgent, opts: AgentOptions) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ExecuteOptions(AgentOptions):
-    name: str
-    arguments: dict[str, Any] | None
-
-
-def _execute_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", metavar="COMMAND", help="e.g. guest-get-time")
-    p.add_argument("arguments", metavar="ARGS", type=argtypes.json_object, nargs="?",
-                   help="its arguments as a JSON object ('-': read from stdin)")
+class _ExecuteOptions(AgentOptions, ExecuteFields):
+    pass
 
 
 async def _execute(ga: GuestAgent, opts: _ExecuteOptions) -> int:
@@ -331,25 +321,28 @@ AGENT: Group = Group(
     f"  {PROG} --json agent --agent 127.0.0.1:4445 info\n\n{exit_code_help()}",
     add_options=_add_options,
     actions=(
-        _action("ping", "check that the agent answers (guest-ping)", AgentOptions, _ping),
-        _action("info", "the agent's version and commands (guest-info)", AgentOptions, _info),
-        _action("fsfreeze", "freeze state of the guest's filesystems: status, freeze, thaw",
-                _FsfreezeOptions, _fsfreeze, add_arguments=_fsfreeze_arguments,
+        Command("ping", "check that the agent answers (guest-ping)", AgentOptions,
+                connected(_agent, _ping)),
+        Command("info", "the agent's version and commands (guest-info)", AgentOptions,
+                connected(_agent, _info)),
+        Command("fsfreeze", "freeze state of the guest's filesystems: status, freeze, thaw",
+                _FsfreezeOptions, connected(_agent, _fsfreeze), _fsfreeze_arguments,
                 description="guest-fsfreeze-status / -freeze / -thaw. A freeze made here stays "
                 "until you thaw it. A freeze that froze 0 filesystems froze nothing (maybe another "
                 "tool holds a freeze: do not thaw it)."),
-        _action("exec", "run a program in the guest and wait for it (guest-exec)",
-                _ExecOptions, _exec, add_arguments=_exec_arguments,
+        Command("exec", "run a program in the guest and wait for it (guest-exec)",
+                _ExecOptions, connected(_agent, _exec), _exec_arguments,
                 description="Run a program in the guest (guest-exec), wait for it, and write its "
                 "stdout and stderr to ours. Exit status 0 if it exited 0, else 6 (command error); "
                 "--json gives its exitcode, signal and output. Put qmpagent's options before PATH: "
                 "everything after PATH goes to the program."),
-        _action("osinfo", "the guest OS (guest-get-osinfo)", AgentOptions, _osinfo),
-        _action("fsinfo", "the guest's filesystems and disks (guest-get-fsinfo)",
-                AgentOptions, _fsinfo),
-        _action("execute", "run any agent command with JSON arguments", _ExecuteOptions, _execute,
-                add_arguments=_execute_arguments),
-        _action("shutdown", "shut the guest down (guest-shutdown; no reply)", _ShutdownOptions,
-                _shutdown, add_arguments=_shutdown_arguments),
+        Command("osinfo", "the guest OS (guest-get-osinfo)", AgentOptions,
+                connected(_agent, _osinfo)),
+        Command("fsinfo", "the guest's filesystems and disks (guest-get-fsinfo)", AgentOptions,
+                connected(_agent, _fsinfo)),
+        Command("execute", "run any agent command with JSON arguments", _ExecuteOptions,
+                connected(_agent, _execute), add_execute_arguments("guest-get-time")),
+        Command("shutdown", "shut the guest down (guest-shutdown; no reply)", _ShutdownOptions,
+                connected(_agent, _shutdown), _shutdown_arguments),
     ),
 )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 
@@ -15,7 +16,16 @@ from ..errors import EventOverflow
 from ..monitor import Monitor
 from . import argtypes
 from .argtypes import QMP_ENV, QMPAddress
-from .command import ADDRESS_HELP, Command, CommonOptions, Group
+from .command import (
+    ADDRESS_HELP,
+    Command,
+    CommonOptions,
+    ExecuteFields,
+    Group,
+    add_execute_arguments,
+    connected,
+    shared_default,
+)
 from .connect import closing
 from .exit_codes import ExitCode, exit_code_help
 from .output import PROG, dumps, emit_json, err, out, print_event, tty
@@ -37,9 +47,7 @@ class QMPOptions(CommonOptions):
 
 
 def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
-    def default(value: object) -> object:
-        return argparse.SUPPRESS if leaf else value
-
+    default = shared_default(not leaf)
     g = parser.add_argument_group("QMP connection")
     g.add_argument("--qmp", type=argtypes.parse_qmp_address, metavar="ADDR",
                    default=default(os.environ.get(QMP_ENV) or None),
@@ -50,37 +58,19 @@ def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
                    help="timeout of the connect and QMP handshake (default 10)")
 
 
-_Q = TypeVar("_Q", bound=QMPOptions)
-
-
-def _action(
-    name: str,
-    help: str,
-    options: type[_Q],
-    act: Callable[[Monitor, _Q], Awaitable[int]],
-    **kwargs: Any,
-) -> Command[_Q]:
-    """A QMP action: ``act`` runs on the monitor, connected."""
-    async def run(opts: _Q) -> int:
-        assert opts.qmp is not None  # QMPOptions.usage_problem
-        async with closing(await Monitor.connect(
-            opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.timeout, name="cli"
-        )) as mon:
-            return await act(mon, opts)
-
-    return Command(name, help, options, run, **kwargs)
+@contextlib.asynccontextmanager
+async def _monitor(opts: QMPOptions) -> AsyncIterator[Monitor]:
+    """The monitor, connected."""
+    assert opts.qmp is not None  # QMPOptions.usage_problem
+    async with closing(await Monitor.connect(
+        opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.timeout, name="cli"
+    )) as mon:
+        yield mon
 
 
 @dataclasses.dataclass(frozen=True)
-class _ExecuteOptions(QMPOptions):
-    name: str
-    arguments: dict[str, Any] | None
-
-
-def _execute_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", metavar="COMMAND", help="e.g. query-status")
-    p.add_argument("arguments", metavar="ARGS", type=argtypes.json_object, nargs="?",
-                   help="its arguments as a JSON object ('-': read from stdin)")
+class _ExecuteOptions(QMPOptions, ExecuteFields):
+    pass
 
 
 async def _execute(mon: Monitor, opts: _ExecuteOptions) -> int:
@@ -156,15 +146,15 @@ QMP: Group = Group(
     f"{exit_code_help()}",
     add_options=_add_options,
     actions=(
-        _action("execute", "run a QMP command with JSON arguments; print its return value",
-                _ExecuteOptions, _execute, add_arguments=_execute_arguments),
-        _action("events", "print events as they come, until Ctrl-C, --duration or --count",
-                _EventsOptions, _events, add_arguments=_events_arguments, stop_is_ok=True,
+        Command("execute", "run a QMP command with JSON arguments; print its return value",
+                _ExecuteOptions, connected(_monitor, _execute), add_execute_arguments("query-status")),
+        Command("events", "print events as they come, until Ctrl-C, --duration or --count",
+                _EventsOptions, connected(_monitor, _events), _events_arguments, stop_is_ok=True,
                 description="Print QMP events as they arrive: one line each (time, name, data), "
                 "or with --json one JSON object per line. Stops on Ctrl-C or SIGTERM (exit 0), "
                 "after --duration seconds or after --count events."),
-        _action("wait-event", "wait for an event (matching --match); print it",
-                _WaitEventOptions, _wait_event, add_arguments=_wait_event_arguments,
+        Command("wait-event", "wait for an event (matching --match); print it",
+                _WaitEventOptions, connected(_monitor, _wait_event), _wait_event_arguments,
                 description="Wait for the next event NAME whose data contains --match, and print "
                 "it. Only events that arrive after the connection are seen. Exit status 5 if "
                 "none comes within --timeout."),

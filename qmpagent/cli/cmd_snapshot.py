@@ -22,6 +22,16 @@ __all__ = ["SNAPSHOT", "SnapshotOptions"]
 
 _PHASES: Final = ("preflight", "prepare", "freeze", "transaction", "thaw", "cleanup")
 
+#: The timeouts' options: flag, default (seconds), help.
+_TIMEOUTS: Final = (
+    ("--freeze-timeout", 10.0, "the longest allowed freeze window (default 10)"),
+    ("--agent-timeout", 10.0, "each agent command: sync, ping, status, info, freeze (default 10)"),
+    ("--thaw-timeout", 30.0, "the thaw, retries included (default 30)"),
+    ("--command-timeout", 30.0, "each QMP command outside the freeze window (default 30)"),
+    ("--job-timeout", 120.0, "each overlay-creating job (default 120)"),
+    ("--connect-timeout", 10.0, "the QMP connect and handshake (default 10)"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class SnapshotOptions(CommonOptions):
@@ -64,18 +74,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiesce", choices=("required", "preferred", "off"), default="required",
                    help="required (default), preferred or off; see below")
     t = p.add_argument_group("timeouts (seconds)")
-    t.add_argument("--freeze-timeout", type=argtypes.seconds, default=10.0, metavar="SECONDS",
-                   help="the longest allowed freeze window (default 10)")
-    t.add_argument("--agent-timeout", type=argtypes.seconds, default=10.0, metavar="SECONDS",
-                   help="each agent command: sync, ping, status, info, freeze (default 10)")
-    t.add_argument("--thaw-timeout", type=argtypes.seconds, default=30.0, metavar="SECONDS",
-                   help="the thaw, retries included (default 30)")
-    t.add_argument("--command-timeout", type=argtypes.seconds, default=30.0, metavar="SECONDS",
-                   help="each QMP command outside the freeze window (default 30)")
-    t.add_argument("--job-timeout", type=argtypes.seconds, default=120.0, metavar="SECONDS",
-                   help="each overlay-creating job (default 120)")
-    t.add_argument("--connect-timeout", type=argtypes.seconds, default=10.0, metavar="SECONDS",
-                   help="the QMP connect and handshake (default 10)")
+    for flag, default, help in _TIMEOUTS:
+        t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
     p.add_argument("--agent-chardev", metavar="ID",
                    help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
 

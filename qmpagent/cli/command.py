@@ -9,12 +9,26 @@ import argparse
 import dataclasses
 import textwrap
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Generic, TypeVar
 
+from . import argtypes
 from .argtypes import AGENT_ENV, QMP_ENV
 from .output import WIDTH
 
-__all__ = ["ADDRESS_HELP", "Command", "CommonOptions", "Formatter", "Group", "add_common_options", "wrap"]
+__all__ = [
+    "ADDRESS_HELP",
+    "Command",
+    "CommonOptions",
+    "ExecuteFields",
+    "Formatter",
+    "Group",
+    "add_common_options",
+    "add_execute_arguments",
+    "connected",
+    "shared_default",
+    "wrap",
+]
 
 ADDRESS_HELP: Final = f"""\
 addresses:
@@ -36,6 +50,7 @@ def wrap(text: str) -> str:
 
 
 _O = TypeVar("_O", bound="CommonOptions")
+_R = TypeVar("_R")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +74,17 @@ class CommonOptions:
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
+def shared_default(owner: bool) -> Callable[[object], object]:
+    """The defaults of an option repeated on nested parsers: its value on the parser that owns
+    it, SUPPRESS on the others, so that an option given before a subcommand is not reset by the
+    subcommand's parser."""
+    return lambda value: value if owner else argparse.SUPPRESS
+
+
 def add_common_options(parser: argparse.ArgumentParser, top: bool = False) -> None:
     """--json / --debug / --verbose: on the top parser with defaults, repeated on every
     subcommand (default SUPPRESS, so they can be given before or after the subcommand)."""
-    def default(value: object) -> object:
-        return value if top else argparse.SUPPRESS
-
+    default = shared_default(top)
     g = parser.add_argument_group("output")
     g.add_argument("--json", action="store_true", default=default(False),
                    help="machine-readable JSON on stdout (errors too: {\"error\": {...}})")
@@ -154,3 +174,33 @@ class Group:
             self.add_options(p, True)
             add_common_options(p)
             action.add_arguments(p)
+
+
+def connected(
+    connect: Callable[[_O], AbstractAsyncContextManager[_R]],
+    act: Callable[[_R, _O], Awaitable[int]],
+) -> Callable[[_O], Awaitable[int]]:
+    """The ``run`` of a group's action: ``act`` on the connection ``connect`` opens (and closes)."""
+    async def run(opts: _O) -> int:
+        async with connect(opts) as connection:
+            return await act(connection, opts)
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecuteFields:
+    """The options of ``agent execute`` and ``qmp execute`` (mixed into the group's options)."""
+
+    name: str
+    arguments: dict[str, Any] | None
+
+
+def add_execute_arguments(example: str) -> Callable[[argparse.ArgumentParser], None]:
+    """``COMMAND [ARGS]`` of an ``execute`` action; ``example`` is a command of its peer."""
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("name", metavar="COMMAND", help=f"e.g. {example}")
+        p.add_argument("arguments", metavar="ARGS", type=argtypes.json_object, nargs="?",
+                       help="its arguments as a JSON object ('-': read from stdin)")
+
+    return add
