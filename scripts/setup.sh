@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static linux-image-amd64 e2fsprogs)
+# The one list of the host's packages, which qmpagent.testing reads too (comments and blank lines
+# dropped).
+mapfile -t PACKAGES < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' -e '/^$/d' qmpagent/testing/host-packages.txt)
 if [ "${QMPAGENT_PEER:-host}" = debian13 ]; then
     PACKAGES+=(debootstrap)
 fi

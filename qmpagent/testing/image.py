@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QMPAgentError
+from . import _host
 from .peer import HOST_PACKAGES, Peer, PeerError, get_peer
 
 __all__ = [
@@ -57,7 +58,7 @@ APT_PACKAGES = HOST_PACKAGES
 
 log = logging.getLogger(__name__)
 
-_APT_HINT = "apt-get install -y --no-install-recommends " + " ".join(APT_PACKAGES)
+_APT_HINT = _host.INSTALL_HINT
 
 #: Kernel modules the guest needs, in an order where each one's dependencies come first.
 #: ``modules.dep`` is consulted too, so a kernel that needs more gets them.
@@ -243,11 +244,10 @@ def _need(path: str | None, what: str) -> str:
 def find_tool(name: str) -> str:
     """Return the path of host tool ``name`` or raise :class:`GuestBuildError` naming the
     ``apt-get install`` line."""
-    dirs = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-    found = shutil.which(name) or next(
-        (p for d in dirs if os.path.exists(p := f"{d}/{name}")), None
-    )
-    return _need(found, name)
+    # PATH first, then the bin directories: the order this always had (Peer.find, which also
+    # serves peer roots that are not on PATH, searches the directories first).
+    found = shutil.which(name) or _host.find_in_root(Path("/"), name)
+    return _need(None if found is None else str(found), name)
 
 
 def _kernel_release(peer: Peer) -> tuple[str, Path]:
@@ -497,8 +497,9 @@ def _make_data_disk(path: Path, label: str, workdir: Path, peer: Peer) -> None:
     raw = workdir / f"{label}.raw"
     with open(raw, "wb") as f:
         f.truncate(DATA_DISK_SIZE)
-    _run([mkfs, "-q", "-F", "-L", label, "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)])
-    _run([*qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
+    _host.run([mkfs, "-q", "-F", "-L", label, "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)],
+              GuestBuildError)
+    _host.run([*qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)], GuestBuildError)
     raw.unlink()
 
 
@@ -507,12 +508,6 @@ def _entry_peer(entry: Path) -> str:
         return (entry / "peer").read_text().strip()
     except OSError:
         return "host"  # built before peers existed
-
-
-def _run(argv: list[str]) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise GuestBuildError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
 
 
 def _peer_command(peer: Peer, name: str) -> list[str]:

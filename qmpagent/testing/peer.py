@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import QMPAgentError, UsageError
+from . import _host
 
 __all__ = [
     "DEBIAN13_PACKAGES",
@@ -47,15 +48,9 @@ __all__ = [
 #: The peers :func:`get_peer` knows.
 PEERS = ("host", "debian13")
 
-#: Debian packages of the host peer (what ``scripts/setup.sh`` installs).
-HOST_PACKAGES = (
-    "qemu-system-x86",
-    "qemu-utils",
-    "qemu-guest-agent",
-    "busybox-static",
-    "linux-image-amd64",
-    "e2fsprogs",
-)
+#: Debian packages of the host peer (what ``scripts/setup.sh`` installs; the list is
+#: ``qmpagent/testing/host-packages.txt``).
+HOST_PACKAGES = _host.HOST_PACKAGES
 
 #: What the Debian 13 root holds besides its minimal base.
 DEBIAN13_PACKAGES = (
@@ -126,16 +121,14 @@ class Peer:
         Raises:
             PeerError: it is not there (naming the package to install for the host peer).
         """
-        for d in ("usr/sbin", "sbin", "usr/bin", "bin"):
-            candidate = self.root / d / name
-            if candidate.exists():
-                return candidate
+        found = _host.find_in_root(self.root, name)
+        if found is not None:
+            return found
         if self.is_host:
-            found = shutil.which(name)
-            if found:
-                return Path(found)
-            hint = "apt-get install -y --no-install-recommends " + " ".join(HOST_PACKAGES)
-            raise PeerError(f"{name} not found; install it with: {hint}")
+            on_path = shutil.which(name)
+            if on_path:
+                return Path(on_path)
+            raise PeerError(f"{name} not found; install it with: {_host.INSTALL_HINT}")
         raise PeerError(f"{name} not found in the {self.name} root {self.root}; remove it to re-provision")
 
     @property
@@ -290,17 +283,21 @@ def provision_debian13(directory: str | os.PathLike[str]) -> Path:
             "/usr/sbin/debootstrap" if os.path.exists("/usr/sbin/debootstrap") else None
         )
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", INITRD="No")
+
+        def run(argv: list[str], what: str) -> None:
+            # debootstrap and apt-get say why they failed on stdout too, at length.
+            _host.run(argv, PeerError, what=what, env=env, with_stdout=True)
+
         if debootstrap is None:
-            _run(["apt-get", "update", "-qq"], env, "apt-get update")
-            _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "debootstrap"], env,
-                 "apt-get install debootstrap")
+            run(["apt-get", "update", "-qq"], "apt-get update")
+            run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "debootstrap"],
+                "apt-get install debootstrap")
             debootstrap = "/usr/sbin/debootstrap"
         tmp = Path(tempfile.mkdtemp(prefix=".root-", dir=target))
         try:
-            _run(
+            run(
                 [debootstrap, "--variant=minbase", "--include=" + ",".join(DEBIAN13_PACKAGES),
                  _DEBIAN13_SUITE, str(tmp), _debian_mirror()],
-                env,
                 "debootstrap of Debian 13",
             )
             # The kernel is only booted as the test guest: no initramfs of its own is needed.
@@ -313,10 +310,3 @@ def provision_debian13(directory: str | os.PathLike[str]) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target / "root"
-
-
-def _run(argv: list[str], env: dict[str, str], what: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip()[-2000:]
-        raise PeerError(f"{what} failed ({proc.returncode}): {tail}")
