@@ -17,7 +17,6 @@ from ..monitor import Monitor
 from . import argtypes
 from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
 from .command import (
-    ADDRESS_HELP,
     Command,
     CommonOptions,
     ExecuteFields,
@@ -27,7 +26,7 @@ from .command import (
     shared_default,
 )
 from .connect import closing
-from .exit_codes import ExitCode, exit_code_help
+from .exit_codes import ExitCode
 from .output import PROG, WIDTH, dumps, emit_json, err, ms, out, size
 
 __all__ = ["AGENT", "AgentOptions"]
@@ -314,11 +313,12 @@ AGENT: Group = Group(
     help="talk to the guest agent: ping, info, fsfreeze, exec, osinfo, fsinfo, ...",
     description="Talk to the QEMU guest agent (qemu-ga) in a VM. The channel is synced "
     "(guest-sync-delimited) on connect; with --qmp the agent's port is checked first.",
-    epilog=f"{ADDRESS_HELP}\n\nexamples:\n"
-    f"  {PROG} agent --agent /run/vm1/qga.sock ping\n"
-    f"  {PROG} agent --agent /run/vm1/qga.sock --qmp /run/vm1/qmp.sock fsfreeze status\n"
-    f"  {PROG} agent --agent vsock:3:1234 exec /bin/sh -c 'df -h'\n"
-    f"  {PROG} --json agent --agent 127.0.0.1:4445 info\n\n{exit_code_help()}",
+    examples=(
+        "agent --agent /run/vm1/qga.sock ping",
+        "agent --agent /run/vm1/qga.sock --qmp /run/vm1/qmp.sock fsfreeze status",
+        "agent --agent vsock:3:1234 exec /bin/sh -c 'df -h'",
+        "--json agent --agent 127.0.0.1:4445 info",
+    ),
     add_options=_add_options,
     actions=(
         Command("ping", "check that the agent answers (guest-ping)", AgentOptions,

@@ -17,7 +17,6 @@ from ..monitor import Monitor
 from . import argtypes
 from .argtypes import QMP_ENV, QMPAddress
 from .command import (
-    ADDRESS_HELP,
     Command,
     CommonOptions,
     ExecuteFields,
@@ -27,8 +26,8 @@ from .command import (
     shared_default,
 )
 from .connect import closing
-from .exit_codes import ExitCode, exit_code_help
-from .output import PROG, dumps, emit_json, err, out, print_event, tty
+from .exit_codes import ExitCode
+from .output import dumps, emit_json, err, out, print_event, tty
 
 __all__ = ["QMP", "QMPOptions"]
 
@@ -137,13 +136,13 @@ QMP: Group = Group(
     name="qmp",
     help="talk QMP: execute a command, stream events, wait for an event",
     description="Talk to QEMU over QMP.",
-    epilog=f"{ADDRESS_HELP}\n\nexamples:\n"
-    f"  {PROG} qmp --qmp /run/vm1/qmp.sock execute query-status\n"
-    f"  {PROG} qmp --qmp 127.0.0.1:4444 execute query-block-jobs\n"
-    f"  {PROG} qmp --qmp /run/vm1/qmp.sock execute blockdev-del '{{\"node-name\": \"ov1\"}}'\n"
-    f"  {PROG} --json qmp --qmp /run/vm1/qmp.sock events --duration 60 >> events.jsonl\n"
-    f"  {PROG} qmp --qmp /run/vm1/qmp.sock wait-event SHUTDOWN --timeout 300\n\n"
-    f"{exit_code_help()}",
+    examples=(
+        "qmp --qmp /run/vm1/qmp.sock execute query-status",
+        "qmp --qmp 127.0.0.1:4444 execute query-block-jobs",
+        "qmp --qmp /run/vm1/qmp.sock execute blockdev-del '{\"node-name\": \"ov1\"}'",
+        "--json qmp --qmp /run/vm1/qmp.sock events --duration 60 >> events.jsonl",
+        "qmp --qmp /run/vm1/qmp.sock wait-event SHUTDOWN --timeout 300",
+    ),
     add_options=_add_options,
     actions=(
         Command("execute", "run a QMP command with JSON arguments; print its return value",

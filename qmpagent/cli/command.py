@@ -14,7 +14,8 @@ from typing import Any, Final, Generic, TypeVar
 
 from . import argtypes
 from .argtypes import AGENT_ENV, QMP_ENV
-from .output import WIDTH
+from .exit_codes import exit_code_help
+from .output import PROG, WIDTH
 
 __all__ = [
     "ADDRESS_HELP",
@@ -145,7 +146,9 @@ class Group:
     """A command whose actions share connection options: ``qmpagent agent ACTION``.
 
     Attributes:
-        name, help, description, epilog: as for :class:`Command`.
+        name, help, description: as for :class:`Command`.
+        examples: command lines (without ``qmpagent``) for the epilog, between the addresses
+            and the exit statuses.
         add_options: adds the shared options to the group's parser (``leaf=False``: with their
             defaults) and to each action's (``leaf=True``: default SUPPRESS, so an option given
             before the action is not reset by the action's parser).
@@ -155,15 +158,20 @@ class Group:
     name: str
     help: str
     description: str
-    epilog: str
+    examples: tuple[str, ...]
     add_options: Callable[[argparse.ArgumentParser, bool], None]
     actions: tuple[Command[Any], ...]
+
+    def epilog(self) -> str:
+        """The text after the group's options in ``--help``."""
+        examples = "".join(f"  {PROG} {example}\n" for example in self.examples)
+        return f"{ADDRESS_HELP}\n\nexamples:\n{examples}\n{exit_code_help()}"
 
     def add_to(self, subparsers: Any) -> None:
         """Add the group and its actions to ``subparsers``."""
         group: argparse.ArgumentParser = subparsers.add_parser(
             self.name, help=self.help, description=wrap(self.description),
-            formatter_class=Formatter, epilog=self.epilog,
+            formatter_class=Formatter, epilog=self.epilog(),
         )
         self.add_options(group, False)
         add_common_options(group)
