@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any, Final
 
 from ..agent import AgentAddress
@@ -16,6 +17,7 @@ __all__ = [
     "AGENT_ENV",
     "QMP_ENV",
     "QMPAddress",
+    "add_address_option",
     "address_text",
     "count",
     "disk",
@@ -78,6 +80,21 @@ def parse_agent_address(text: str) -> AgentAddress:
             raise argparse.ArgumentTypeError(f"expected vsock:CID:PORT, not {text!r}")
         return ("vsock", int(parts[1]), int(parts[2]))
     return parse_qmp_address(text)
+
+
+def _as_is(value: object) -> object:
+    return value
+
+
+def add_address_option(
+    group: Any, flag: str, help: str, default: Callable[[object], object] = _as_is
+) -> None:
+    """Add ``--qmp`` or ``--agent`` (``flag``) to ``group`` (a parser or an argument group): its
+    parser, and its default from its environment variable, passed through ``default`` (see
+    :func:`~qmpagent.cli.command.shared_default`)."""
+    env, parse = {"--qmp": (QMP_ENV, parse_qmp_address), "--agent": (AGENT_ENV, parse_agent_address)}[flag]
+    group.add_argument(flag, type=parse, metavar="ADDR", default=default(os.environ.get(env) or None),
+                       help=help)
 
 
 def address_text(address: object) -> str:

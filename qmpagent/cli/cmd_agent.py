@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -53,13 +52,13 @@ class AgentOptions(CommonOptions):
 def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
     default = shared_default(not leaf)
     g = parser.add_argument_group("agent connection")
-    g.add_argument("--agent", type=argtypes.parse_agent_address, metavar="ADDR",
-                   default=default(os.environ.get(AGENT_ENV) or None),
-                   help=f"the agent's socket: PATH, HOST:PORT or vsock:CID:PORT (${AGENT_ENV})")
-    g.add_argument("--qmp", type=argtypes.parse_qmp_address, metavar="ADDR",
-                   default=default(os.environ.get(QMP_ENV) or None),
-                   help="QMP socket: if given, first check that the agent's port is open in the "
-                   f"guest, so a stopped qemu-ga fails fast (${QMP_ENV})")
+    argtypes.add_address_option(
+        g, "--agent", f"the agent's socket: PATH, HOST:PORT or vsock:CID:PORT (${AGENT_ENV})", default
+    )
+    argtypes.add_address_option(
+        g, "--qmp", "QMP socket: if given, first check that the agent's port is open in the "
+        f"guest, so a stopped qemu-ga fails fast (${QMP_ENV})", default
+    )
     g.add_argument("--timeout", type=argtypes.seconds, metavar="SECONDS", default=default(5.0),
                    help="timeout of the connect, the sync and each agent command (default 5)")
     g.add_argument("--wait-port", type=argtypes.seconds, metavar="SECONDS", default=default(None),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -48,9 +47,7 @@ class QMPOptions(CommonOptions):
 def _add_options(parser: argparse.ArgumentParser, leaf: bool) -> None:
     default = shared_default(not leaf)
     g = parser.add_argument_group("QMP connection")
-    g.add_argument("--qmp", type=argtypes.parse_qmp_address, metavar="ADDR",
-                   default=default(os.environ.get(QMP_ENV) or None),
-                   help=f"QMP socket: PATH or HOST:PORT (${QMP_ENV})")
+    argtypes.add_address_option(g, "--qmp", f"QMP socket: PATH or HOST:PORT (${QMP_ENV})", default)
     g.add_argument("--timeout", type=argtypes.seconds, metavar="SECONDS", default=default(30.0),
                    help="timeout of each QMP command, and of wait-event (default 30)")
     g.add_argument("--connect-timeout", type=argtypes.seconds, metavar="SECONDS", default=default(10.0),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Final
 
@@ -62,11 +61,8 @@ class SnapshotOptions(CommonOptions):
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to snapshot")
-    g.add_argument("--qmp", type=argtypes.parse_qmp_address, metavar="ADDR",
-                   default=os.environ.get(QMP_ENV) or None, help=f"QMP socket (${QMP_ENV}); required")
-    g.add_argument("--agent", type=argtypes.parse_agent_address, metavar="ADDR",
-                   default=os.environ.get(AGENT_ENV) or None,
-                   help=f"the guest agent's socket (${AGENT_ENV}); needed to quiesce")
+    argtypes.add_address_option(g, "--qmp", f"QMP socket (${QMP_ENV}); required")
+    argtypes.add_address_option(g, "--agent", f"the guest agent's socket (${AGENT_ENV}); needed to quiesce")
     g.add_argument("--disk", type=argtypes.disk, action="append", required=True,
                    metavar="NODE=OVERLAY",
                    help="block node (or device id) and the new overlay file to create; "
