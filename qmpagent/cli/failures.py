@@ -57,6 +57,7 @@ class ErrorRow:
 
     code: ExitCode
     prefix: str = ""
+    # Any: a row's functions take the row's own class (ThawError...), which the lookup ensures.
     detail: Callable[[Any, object], str] = _text
     fields: Callable[[Any], dict[str, Any]] = _no_fields
     label: str = "error: "
