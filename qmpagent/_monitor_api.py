@@ -22,10 +22,7 @@ class MonitorAPI(Protocol):
         """Whether commands can be sent."""
 
     async def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, object] | None = None,
-        *,
+        self, command: str, arguments: Mapping[str, object] | None = None, *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> Any:
         """Run a QMP command and return its ``return`` value."""

@@ -72,11 +72,7 @@ class BlockDevice:
 
 
 class BlockQueries:
-    """The block queries of one QEMU.
-
-    Args:
-        mon: the monitor to query (its public API only).
-    """
+    """The block queries of one QEMU, through ``mon`` (its public API only)."""
 
     __slots__ = ("_flat", "_mon")
 

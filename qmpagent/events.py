@@ -14,7 +14,6 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import Any, NoReturn, TypedDict
 
 from qemu.qmp import EventListener, Message, QMPClient
@@ -267,12 +266,7 @@ class EventStream:
         self._active = True
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._close()
 
     def _close(self) -> None:

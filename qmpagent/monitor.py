@@ -50,6 +50,7 @@ from . import _addresses
 from ._closing import AsyncClosing
 from .block import BlockDevice, BlockNode, BlockQueries
 from .deadlines import CommandDeadlines
+from .disconnect import ABORT_GRACE, disconnect
 from .errors import (  # the F401 ones are raised in other modules now; importable here as before
     AgentUnavailable,  # noqa: F401
     EventOverflow,  # noqa: F401
@@ -96,9 +97,8 @@ DEFAULT_EVENT_QUEUE_SIZE: Final = 1024
 #: Seconds :meth:`Monitor.close` lets ``qemu.qmp``'s graceful disconnect (which flushes what is
 #: still queued) take before it aborts the connection.
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
-# After the graceful bound: how long the forced teardown (transport aborted, qemu.qmp's stuck
-# disconnect cancelled) may take in all. It takes milliseconds; this only bounds the pathological.
-_ABORT_GRACE: Final = 1.0
+# How long close() waits for the watcher task to end (see disconnect.ABORT_GRACE).
+_ABORT_GRACE: Final = ABORT_GRACE
 
 # How often waits for the agent port re-read query-chardev (see ports.PORT_POLL_INTERVAL); read
 # at each wait, so that tests can shorten it here.
@@ -346,57 +346,9 @@ class Monitor(AsyncClosing):
         return self._reap_task
 
     async def _reap(self) -> None:
-        """Disconnect the client, bounded by :attr:`close_timeout` plus a short forced teardown;
-        never raises."""
-        loop = asyncio.get_running_loop()
-        disconnect = loop.create_task(self._client.disconnect())
-        done, _ = await asyncio.wait({disconnect}, timeout=self.close_timeout)
-        if not done:
-            log.warning(
-                "QMP connection %s: the graceful disconnect did not finish within %gs "
-                "(QEMU stopped reading?); aborting the connection", self._name, self.close_timeout,
-            )
-            done = await self._force_disconnect(disconnect)
-        if not done:  # pragma: no cover - only if qemu.qmp ignores both the abort and the cancel
-            log.error("QMP connection %s: the disconnect could not be ended", self._name)
-            disconnect.add_done_callback(_retrieve)
-            return
-        if disconnect.cancelled():
-            return
-        exc = disconnect.exception()
-        if exc is not None:  # the reason the connection ended: EOFError, OSError, ...
-            if self._cause is None:
-                self._cause = exc
-            log.debug("QMP connection %s ended: %r", self._name, exc)
-
-    async def _force_disconnect(self, disconnect: asyncio.Task[None]) -> set[asyncio.Task[None]]:
-        """Cut short a disconnect that is stuck flushing to a peer that does not read."""
-        until = asyncio.get_running_loop().time() + _ABORT_GRACE
-
-        def left() -> float:
-            return max(0.0, until - asyncio.get_running_loop().time())
-
-        # 1. Abort the transport: the socket is closed at once, queued bytes dropped, and the
-        #    writer's drain() returns or fails instead of waiting for the peer.
-        writer = getattr(self._client, "_writer", None)
-        if writer is not None:
-            writer.transport.abort()
-        done, _ = await asyncio.wait({disconnect}, timeout=min(left(), 0.1))
-        if done:
-            return done
-        # 2. qemu.qmp's disconnect may still wait for its outgoing queue to drain (messages
-        #    that will never be written now): cancel it; its own clean-up still cancels and
-        #    awaits the reader and writer tasks and closes the stream.
-        dc_task = getattr(self._client, "_dc_task", None)
-        if isinstance(dc_task, asyncio.Future) and not dc_task.done():
-            dc_task.cancel()
-        done, _ = await asyncio.wait({disconnect}, timeout=left())
-        if done:
-            return done
-        # 3. Last resort: stop waiting for it.
-        disconnect.cancel()  # pragma: no cover - see _reap
-        done, _ = await asyncio.wait({disconnect}, timeout=left())  # pragma: no cover
-        return done  # pragma: no cover
+        cause = await disconnect(self._client, name=self._name, close_timeout=self.close_timeout)
+        if self._cause is None:
+            self._cause = cause
 
     def _gone(self) -> str:
         """Why nothing can be sent any more."""
@@ -672,8 +624,3 @@ def _check_close_timeout(value: object) -> float:
     ):
         raise UsageError(f"close_timeout must be a finite number of seconds >= 0, not {value!r}")
     return float(value)
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("background job cleanup failed: %r", task.exception())

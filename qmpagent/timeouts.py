@@ -13,7 +13,7 @@ import enum
 import sys
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from .errors import QMPAgentError
 
@@ -99,16 +99,12 @@ class deadline_raising:
     async def __aenter__(self) -> None:
         await self._deadline.__aenter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         # A deadline never swallows an exception (it lets it through or raises TimeoutError),
         # so neither does this: the result of its __aexit__ carries nothing.
+        exc = exc_info[1]
         try:
-            await self._deadline.__aexit__(exc_type, exc, tb)
+            await self._deadline.__aexit__(*exc_info)
         except TimeoutError as expired:
             if isinstance(expired, QMPAgentError):
                 raise
