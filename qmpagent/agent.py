@@ -767,9 +767,9 @@ class GuestAgent(AsyncClosing):
                     return b"".join(chunks)
         finally:
             if self.is_connected:  # a handle left open would stay open in the guest
-                await run_to_completion(self._close_file(path, handle, timeout))
+                await run_to_completion(self._close_file(path, handle, timeout=timeout))
 
-    async def _close_file(self, path: str, handle: int, timeout: Timeout) -> None:
+    async def _close_file(self, path: str, handle: int, *, timeout: Timeout) -> None:
         try:
             await self._call("guest-file-close", {"handle": handle}, timeout=timeout)
         except AgentError as exc:

@@ -115,7 +115,7 @@ async def wait_concluded(
             return
 
 
-async def abandon_job(mon: MonitorAPI, job_id: str, limit: float) -> None:
+async def abandon_job(mon: MonitorAPI, job_id: str, *, limit: float) -> None:
     """Cancel (if needed) and dismiss a job we gave up on, within ``limit`` seconds; never
     raises :class:`~qmpagent.MonitorError` (what went wrong is logged)."""
     try:
@@ -267,6 +267,6 @@ async def run_job(
         except BaseException:
             # Also when the command's reply did not come in time: the job may exist.
             if job.may_exist and mon.is_open:
-                await run_to_completion(abandon_job(mon, job_id, cleanup_timeout))
+                await run_to_completion(abandon_job(mon, job_id, limit=cleanup_timeout))
             raise
     return job.result(info, time.monotonic() - started)
