@@ -470,7 +470,7 @@ class GuestAgent(AsyncClosing):
             try:
                 return await self._round_trip(command, arguments, on_sent)
             except AgentCommandError:
-                raise  # the agent's answer, not a failure of the channel
+                raise  # the agent's own answer, not a failure: nothing to log
             except AgentError as exc:
                 self._log.debug("%s failed: %s", command, exc)
                 raise
