@@ -20,14 +20,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final
 
 import anyio
 
 from . import _addresses
+from ._closing import AsyncClosing
+from ._shield import run_to_completion
 from .agent_protocol import (
     DEFAULT_MAX_REPLY_SIZE,
     SMALL_REPLY_COMMANDS,
@@ -48,7 +49,7 @@ from .errors import (
     AgentUnavailable,
     UsageError,
 )
-from .timeouts import USE_CLIENT_DEFAULT, Timeout, deadline, resolve_timeout
+from .timeouts import USE_CLIENT_DEFAULT, Timeout, deadline, deadline_raising, resolve_timeout
 
 __all__ = [
     "AgentAddress",
@@ -74,7 +75,8 @@ _READ_CHUNK: Final = 256 * 1024
 _SMALL_REPLY_COMMANDS: Final = SMALL_REPLY_COMMANDS
 _SMALL_REPLY_SIZE: Final = SMALL_REPLY_SIZE
 _FILE_READ_CHUNK: Final = 1024 * 1024
-
+# How long close() lets queued bytes go out before it drops them.
+_CLOSE_GRACE: Final = 2.0
 
 
 #: Where the agent listens: a unix socket path, ``(host, port)``, or ``("vsock", cid, port)``.
@@ -254,7 +256,7 @@ async def _open_stream(
         raise UsageError(f"bad agent address {address!r:.100}: {exc}") from exc
 
 
-class GuestAgent:
+class GuestAgent(AsyncClosing):
     """A connection to a QEMU guest agent.
 
     Make one with :meth:`connect`; use it as an async context manager or call :meth:`close`.
@@ -297,8 +299,8 @@ class GuestAgent:
     async def connect(
         cls,
         address: AgentAddress,
-        timeout: float | None = 5.0,
         *,
+        timeout: float | None = 5.0,
         max_reply_size: int = DEFAULT_MAX_REPLY_SIZE,
         request_ids: bool = False,
     ) -> GuestAgent:
@@ -322,10 +324,10 @@ class GuestAgent:
         address = check_address(address)
         name = str(address) if not isinstance(address, tuple) else ":".join(map(str, address))
         try:
-            with anyio.fail_after(timeout):
+            async with deadline_raising(
+                timeout, lambda: AgentUnavailable(f"connecting to the agent at {name} timed out")
+            ):
                 reader, writer = await _open_stream(address)
-        except TimeoutError as exc:
-            raise AgentUnavailable(f"connecting to the agent at {name} timed out") from exc
         except OSError as exc:
             raise AgentUnavailable(f"cannot connect to the agent at {name}: {exc}") from exc
         agent = cls(
@@ -343,17 +345,6 @@ class GuestAgent:
             raise
         return agent
 
-    async def __aenter__(self) -> GuestAgent:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def close(self) -> None:
         """Close the connection. Idempotent."""
         if self._closed:
@@ -361,10 +352,14 @@ class GuestAgent:
         self._closed = True
         self._conn.receive_eof()
         self._writer.close()
-        with anyio.move_on_after(2, shield=True) as scope:
-            with contextlib.suppress(OSError, RuntimeError):
-                await self._writer.wait_closed()
-        if scope.cancelled_caught:
+        await run_to_completion(self._flush_or_abort())
+
+    async def _flush_or_abort(self) -> None:
+        try:
+            async with deadline(_CLOSE_GRACE):
+                with contextlib.suppress(OSError, RuntimeError):
+                    await self._writer.wait_closed()
+        except TimeoutError:
             # The guest stopped reading: drop what is still queued (it could be a freeze we
             # gave up on) rather than let the transport deliver it later.
             self._writer.transport.abort()
@@ -381,8 +376,24 @@ class GuestAgent:
 
     # --- core -----------------------------------------------------------------------------
 
-    def _timeout(self, timeout: Timeout) -> float | None:
-        return resolve_timeout(timeout, self.timeout)
+    @contextlib.asynccontextmanager
+    async def _channel(
+        self, timeout: Timeout, expired: Callable[[float | None], AgentError]
+    ) -> AsyncIterator[None]:
+        """The one way to the channel (as websockets' ``send_context``): refuse at once when
+        closed, else take the lock, all under one deadline (``timeout``: waiting for the lock
+        counts), and raise ``expired(limit)`` if it passes. An exchange that does not complete
+        (timeout, cancellation, protocol error, lost connection) leaves the channel out of sync:
+        a reply may still come, so it is resynced before the next command."""
+        if self._closed:
+            raise AgentUnavailable("the agent connection is closed")
+        limit = resolve_timeout(timeout, self.timeout)
+        async with deadline_raising(limit, lambda: expired(limit)), self._lock:
+            try:
+                yield
+            except BaseException:
+                self._conn.abandon()
+                raise
 
     async def _send(
         self, data: bytes, command: str | None = None, on_sent: Callable[[], None] | None = None
@@ -427,7 +438,7 @@ class GuestAgent:
         if not isinstance(event, Synced):  # pragma: no cover - the protocol only yields Synced
             raise AgentProtocolError(f"unexpected event while syncing: {event!r}")
 
-    async def _exchange(
+    async def _round_trip(
         self, command: str, arguments: dict[str, Any] | None, on_sent: Callable[[], None] | None
     ) -> Any:
         if not self._conn.in_sync:
@@ -449,32 +460,20 @@ class GuestAgent:
         self,
         command: str,
         arguments: dict[str, Any] | None,
-        timeout: Timeout,
         *,
+        timeout: Timeout,
         on_sent: Callable[[], None] | None = None,
     ) -> Any:
-        if self._closed:
-            raise AgentUnavailable("the agent connection is closed")
-        limit = self._timeout(timeout)
-        done = False
-        try:
-            async with deadline(limit), self._lock:
-                    try:
-                        result = await self._exchange(command, arguments, on_sent)
-                        done = True
-                        return result
-                    finally:
-                        if not done:
-                            # Timeout, cancellation, protocol error, lost connection: a reply may
-                            # still come, so the channel is out of sync until the next command.
-                            self._conn.abandon()
-        except TimeoutError as exc:
-            raise AgentTimeout(f"{command}: no reply within {limit:g}s") from exc
-        except AgentCommandError:
-            raise
-        except AgentError as exc:
-            self._log.debug("%s failed: %s", command, exc)
-            raise
+        async with self._channel(
+            timeout, lambda limit: AgentTimeout(f"{command}: no reply within {limit:g}s")
+        ):
+            try:
+                return await self._round_trip(command, arguments, on_sent)
+            except AgentCommandError:
+                raise  # the agent's own answer, not a failure: nothing to log
+            except AgentError as exc:
+                self._log.debug("%s failed: %s", command, exc)
+                raise
 
     # --- generic commands -----------------------------------------------------------------
 
@@ -509,7 +508,7 @@ class GuestAgent:
         if command in NO_REPLY_COMMANDS:
             await self.execute_no_reply(command, arguments, timeout=timeout, on_sent=on_sent)
             return None
-        return await self._call(command, arguments, timeout, on_sent=on_sent)
+        return await self._call(command, arguments, timeout=timeout, on_sent=on_sent)
 
     async def execute_no_reply(
         self,
@@ -529,72 +528,55 @@ class GuestAgent:
             AgentTimeout: the sync or the write did not complete in time.
             AgentUnavailable: the connection is closed or was lost.
         """
-        if self._closed:
-            raise AgentUnavailable("the agent connection is closed")
-        limit = self._timeout(timeout)
-        try:
-            async with deadline(limit), self._lock:
-                    try:
-                        if not self._conn.in_sync:
-                            await self._sync_locked()
-                        await self._send(
-                            self._conn.send_command(command, arguments, expect_reply=False),
-                            command,
-                            on_sent,
-                        )
-                    except BaseException:
-                        self._conn.abandon()
-                        raise
-        except TimeoutError as exc:
-            raise AgentTimeout(f"{command}: not sent within {limit:g}s") from exc
+        async with self._channel(
+            timeout, lambda limit: AgentTimeout(f"{command}: not sent within {limit:g}s")
+        ):
+            if not self._conn.in_sync:
+                await self._sync_locked()
+            await self._send(
+                self._conn.send_command(command, arguments, expect_reply=False), command, on_sent
+            )
 
-    async def sync(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    async def sync(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Resynchronise the channel now (0xFF + ``guest-sync-delimited`` with a fresh random id).
 
         Raises:
             AgentUnavailable: no matching answer within the timeout, or the connection is lost.
         """
-        if self._closed:
-            raise AgentUnavailable("the agent connection is closed")
-        limit = self._timeout(timeout)
-        try:
-            async with deadline(limit), self._lock:
-                    try:
-                        await self._sync_locked()
-                    except BaseException:
-                        self._conn.abandon()
-                        raise
-        except TimeoutError as exc:
-            raise AgentUnavailable(f"no answer to guest-sync-delimited within {limit:g}s") from exc
+        async with self._channel(
+            timeout,
+            lambda limit: AgentUnavailable(f"no answer to guest-sync-delimited within {limit:g}s"),
+        ):
+            await self._sync_locked()
 
     # --- typed commands -------------------------------------------------------------------
 
-    async def ping(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    async def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """``guest-ping``: check that the agent answers.
 
         Raises:
             AgentUnavailable: no answer within the timeout (also for a lost connection).
         """
         try:
-            await self._call("guest-ping", None, timeout)
+            await self._call("guest-ping", None, timeout=timeout)
         except AgentTimeout as exc:
             raise AgentUnavailable(f"no answer to guest-ping: {exc}") from exc
 
-    async def info(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> AgentInfo:
+    async def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> AgentInfo:
         """``guest-info``: the agent's version and its commands, with whether each is enabled.
 
         Raises:
             AgentError: as :meth:`execute`; AgentProtocolError for a malformed reply.
         """
-        return AgentInfo(_expect("guest-info", await self._call("guest-info", None, timeout), dict))
+        return AgentInfo(_expect("guest-info", await self._call("guest-info", None, timeout=timeout), dict))
 
-    async def fsfreeze_status(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> FreezeStatus:
+    async def fsfreeze_status(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> FreezeStatus:
         """``guest-fsfreeze-status``: whether the agent has the guest's filesystems frozen.
 
         Raises:
             AgentError: as :meth:`execute`; AgentProtocolError for an unknown status.
         """
-        value = await self._call("guest-fsfreeze-status", None, timeout)
+        value = await self._call("guest-fsfreeze-status", None, timeout=timeout)
         try:
             return FreezeStatus(value)
         except ValueError as exc:
@@ -603,8 +585,8 @@ class GuestAgent:
     async def fsfreeze_freeze(
         self,
         mountpoints: Sequence[str] | None = None,
-        timeout: Timeout = USE_CLIENT_DEFAULT,
         *,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
         on_sent: Callable[[], None] | None = None,
     ) -> int:
         """Freeze the guest's filesystems (``guest-fsfreeze-freeze``), or only ``mountpoints``
@@ -619,7 +601,7 @@ class GuestAgent:
             AgentTimeout: no reply in time: the guest MAY be frozen (check the status).
         """
         if mountpoints is None:
-            value = await self._call("guest-fsfreeze-freeze", None, timeout, on_sent=on_sent)
+            value = await self._call("guest-fsfreeze-freeze", None, timeout=timeout, on_sent=on_sent)
             return _count("guest-fsfreeze-freeze", value)
         if (
             isinstance(mountpoints, str)
@@ -628,35 +610,37 @@ class GuestAgent:
         ):
             raise UsageError("mountpoints must be a sequence of strings")
         value = await self._call(
-            "guest-fsfreeze-freeze-list", {"mountpoints": list(mountpoints)}, timeout,
-            on_sent=on_sent,
+            "guest-fsfreeze-freeze-list", {"mountpoints": list(mountpoints)},
+            timeout=timeout, on_sent=on_sent,
         )
         return _count("guest-fsfreeze-freeze-list", value)
 
-    async def fsfreeze_thaw(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+    async def fsfreeze_thaw(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """``guest-fsfreeze-thaw``: thaw and return how many filesystems were thawed (0 when
         nothing was frozen).
 
         Raises:
             AgentError: as :meth:`execute`.
         """
-        return _count("guest-fsfreeze-thaw", await self._call("guest-fsfreeze-thaw", None, timeout))
+        return _count("guest-fsfreeze-thaw", await self._call("guest-fsfreeze-thaw", None, timeout=timeout))
 
-    async def get_osinfo(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> dict[str, Any]:
+    async def get_osinfo(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> dict[str, Any]:
         """``guest-get-osinfo``: the guest OS description (kernel, distribution...)."""
-        value = await self._call("guest-get-osinfo", None, timeout)
+        value = await self._call("guest-get-osinfo", None, timeout=timeout)
         result: dict[str, Any] = _expect("guest-get-osinfo", value, dict)
         return result
 
-    async def get_fsinfo(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[dict[str, Any]]:
+    async def get_fsinfo(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[dict[str, Any]]:
         """``guest-get-fsinfo``: the guest's mounted filesystems and their disks."""
-        value = _expect("guest-get-fsinfo", await self._call("guest-get-fsinfo", None, timeout), list)
+        value = _expect("guest-get-fsinfo", await self._call("guest-get-fsinfo", None, timeout=timeout), list)
         for entry in value:
             _expect("guest-get-fsinfo", entry, dict)
             _expect("guest-get-fsinfo mountpoint", entry.get("mountpoint"), str)
         return list(value)
 
-    async def shutdown(self, mode: str = "powerdown", timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    async def shutdown(
+        self, mode: str = "powerdown", *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
         """``guest-shutdown`` (mode ``powerdown``, ``halt`` or ``reboot``). Returns once sent:
         the agent sends no reply on success; watch QMP for ``SHUTDOWN``.
 
@@ -668,7 +652,7 @@ class GuestAgent:
             raise UsageError(f"unknown shutdown mode {mode!r}")
         await self.execute_no_reply("guest-shutdown", {"mode": mode}, timeout=timeout)
 
-    async def suspend(self, kind: str = "ram", timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    async def suspend(self, kind: str = "ram", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """``guest-suspend-ram`` / ``-disk`` / ``-hybrid``. Returns once sent (no reply).
 
         Raises:
@@ -710,15 +694,17 @@ class GuestAgent:
             arguments["env"] = list(env)
         if input_data is not None:
             arguments["input-data"] = base64.b64encode(input_data).decode()
-        limit = self._timeout(timeout)
-        deadline = None if limit is None else time.monotonic() + limit
-        started = _expect("guest-exec", await self._call("guest-exec", arguments, limit), dict)
+        limit = resolve_timeout(timeout, self.timeout)
+        until = None if limit is None else time.monotonic() + limit
+        started = _expect(
+            "guest-exec", await self._call("guest-exec", arguments, timeout=limit), dict
+        )
         pid = _expect("guest-exec", started.get("pid"), int)
         interval = poll_interval
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            remaining = None if until is None else max(0.0, until - time.monotonic())
             try:
-                status = await self._call("guest-exec-status", {"pid": pid}, remaining)
+                status = await self._call("guest-exec-status", {"pid": pid}, timeout=remaining)
             except AgentTimeout as exc:
                 raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit:g}s") from exc
             status = _expect("guest-exec-status", status, dict)
@@ -733,7 +719,7 @@ class GuestAgent:
                     stdout_truncated=bool(status.get("out-truncated", False)),
                     stderr_truncated=bool(status.get("err-truncated", False)),
                 )
-            if deadline is not None and time.monotonic() + interval > deadline:
+            if until is not None and time.monotonic() + interval > until:
                 raise AgentTimeout(f"guest-exec of {path}: pid {pid} did not finish in {limit:g}s")
             await anyio.sleep(interval)
             interval = min(interval * 2, 0.25)
@@ -754,7 +740,7 @@ class GuestAgent:
         """
         handle = _expect(
             "guest-file-open",
-            await self._call("guest-file-open", {"path": path, "mode": "r"}, timeout),
+            await self._call("guest-file-open", {"path": path, "mode": "r"}, timeout=timeout),
             int,
         )
         chunks: list[bytes] = []
@@ -764,7 +750,8 @@ class GuestAgent:
                 reply = _expect(
                     "guest-file-read",
                     await self._call(
-                        "guest-file-read", {"handle": handle, "count": _FILE_READ_CHUNK}, timeout
+                        "guest-file-read", {"handle": handle, "count": _FILE_READ_CHUNK},
+                        timeout=timeout,
                     ),
                     dict,
                 )
@@ -779,12 +766,14 @@ class GuestAgent:
                 if _expect("guest-file-read", reply.get("eof"), bool) or count == 0:
                     return b"".join(chunks)
         finally:
-            if self.is_connected:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self._call("guest-file-close", {"handle": handle}, timeout)
-                    except AgentError as exc:
-                        self._log.debug("guest-file-close of %s failed: %s", path, exc)
+            if self.is_connected:  # a handle left open would stay open in the guest
+                await run_to_completion(self._close_file(path, handle, timeout=timeout))
+
+    async def _close_file(self, path: str, handle: int, *, timeout: Timeout) -> None:
+        try:
+            await self._call("guest-file-close", {"handle": handle}, timeout=timeout)
+        except AgentError as exc:
+            self._log.debug("guest-file-close of %s failed: %s", path, exc)
 
 
 def _optional_int(obj: dict[str, Any], key: str) -> int | None:

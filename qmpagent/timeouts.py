@@ -11,10 +11,20 @@ import asyncio
 import contextlib
 import enum
 import sys
+from collections.abc import Callable
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
-__all__ = ["USE_CLIENT_DEFAULT", "Timeout", "UseClientDefault", "deadline", "resolve_timeout"]
+from .errors import QMPAgentError
+
+__all__ = [
+    "USE_CLIENT_DEFAULT",
+    "Timeout",
+    "UseClientDefault",
+    "deadline",
+    "deadline_raising",
+    "resolve_timeout",
+]
 
 
 class UseClientDefault(enum.Enum):
@@ -68,3 +78,36 @@ else:  # pragma: no cover - Python 3.10
             tb: TracebackType | None,
         ) -> bool | None:
             return self._cm.__exit__(exc_type, exc, tb)
+
+
+class deadline_raising:
+    """:func:`deadline` whose expiry raises ``error()`` (from the ``TimeoutError``) instead.
+
+    The one place a ``TimeoutError`` becomes a qmpagent error. As with a ``try``/``except
+    TimeoutError`` around the block, a ``TimeoutError`` the block itself raises is translated
+    too, unless it already is a qmpagent error (:class:`~qmpagent.MonitorTimeout`,
+    :class:`~qmpagent.AgentTimeout`): those pass through unchanged. A class, not a generator:
+    it sits on per-command paths, where a generator-based context manager costs microseconds.
+    """
+
+    __slots__ = ("_deadline", "_error")
+
+    def __init__(self, delay: float | None, error: Callable[[], BaseException]) -> None:
+        self._deadline = deadline(delay)
+        self._error = error
+
+    async def __aenter__(self) -> None:
+        await self._deadline.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # A deadline never swallows an exception (it lets it through or raises TimeoutError),
+        # so neither does this: the result of its __aexit__ carries nothing.
+        exc = exc_info[1]
+        try:
+            await self._deadline.__aexit__(*exc_info)
+        except TimeoutError as expired:
+            if isinstance(expired, QMPAgentError):
+                raise
+            raise self._error() from expired
+        if isinstance(exc, TimeoutError) and not isinstance(exc, QMPAgentError):
+            raise self._error() from exc
