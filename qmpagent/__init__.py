@@ -4,20 +4,28 @@
   streams, job helpers and agent-port state.
 * :class:`GuestAgent`: native guest-agent client that stays in sync and survives a hostile guest.
 * :class:`SnapshotOrchestrator`: atomic, application-consistent external snapshots that freeze
-  briefly and never thaw a freeze they did not make.
+  briefly and never thaw a freeze they did not make; and their lifecycle: the backing chain
+  (:meth:`SnapshotOrchestrator.chain`) and merging overlays back (:meth:`SnapshotOrchestrator.commit`,
+  on the two-phase jobs of :meth:`Monitor.block_job`).
 
 All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for the tree.
 """
 
 from .agent import AgentInfo, CommandInfo, ExecResult, FreezeStatus, GuestAgent
+from .chain import ChainNode
+from .commit import CommitResult
 from .errors import (
     AgentCommandError,
     AgentError,
     AgentProtocolError,
     AgentTimeout,
     AgentUnavailable,
+    CommitError,
+    CommitRecord,
+    CommitTimeout,
     EventOverflow,
     JobError,
+    JobReadyTimeout,
     MonitorCommandError,
     MonitorError,
     MonitorProtocolError,
@@ -27,13 +35,16 @@ from .errors import (
     SnapshotError,
     SnapshotRecord,
     ThawError,
+    UnknownMountpointError,
     UsageError,
 )
 from .monitor import (
     AGENT_PORT_NAME,
     BlockDevice,
+    BlockJob,
     BlockNode,
     EventStream,
+    JobProgress,
     JobResult,
     Monitor,
     MonitorState,
@@ -64,8 +75,14 @@ __all__ = [
     "AgentTimeout",
     "AgentUnavailable",
     "BlockDevice",
+    "BlockJob",
     "BlockNode",
+    "ChainNode",
     "CommandInfo",
+    "CommitError",
+    "CommitRecord",
+    "CommitResult",
+    "CommitTimeout",
     "EventOverflow",
     "EventStream",
     "ExecResult",
@@ -74,6 +91,8 @@ __all__ = [
     "FreezeStatus",
     "GuestAgent",
     "JobError",
+    "JobProgress",
+    "JobReadyTimeout",
     "JobResult",
     "Monitor",
     "MonitorCommandError",
@@ -94,6 +113,7 @@ __all__ = [
     "ThawError",
     "Timeout",
     "TransactionState",
+    "UnknownMountpointError",
     "UsageError",
     "UseClientDefault",
     "VirtioSerialPort",

@@ -11,13 +11,17 @@ Every error the library raises on purpose derives from :class:`QMPAgentError`::
     ├── MonitorError                    QMP (QEMU is at fault or gone)
     │   ├── MonitorUnavailable          cannot connect, or the connection was lost
     │   ├── MonitorTimeout              a command or a wait got no answer in time (also a TimeoutError)
+    │   │   └── JobReadyTimeout         a two-phase job was not ready in time (cancelled, dismissed)
     │   ├── MonitorCommandError         QEMU answered with an error (.error_class, .desc)
     │   │   └── JobError                a job concluded with an error (.job_id, .desc)
     │   ├── MonitorProtocolError        QEMU's reply did not have the expected shape
     │   └── EventOverflow               an event queue overflowed; events were lost (.dropped)
     ├── SnapshotError                   a snapshot was not taken (carries what was done)
     │   └── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
+    ├── CommitError                     a commit did not finish (says where the VM stands)
+    │   └── CommitTimeout               it was not ready in time (also a TimeoutError)
     └── UsageError                      the caller misused the API (bad argument, wrong state)
+        └── UnknownMountpointError      snapshot(mountpoints=) named a filesystem the guest lacks
 
 Lower-layer exceptions (``OSError``, ``qemu.qmp`` errors, ``json`` errors) are re-raised as one of
 these with ``raise ... from exc``, so the original is always available as ``__cause__``.
@@ -35,8 +39,12 @@ __all__ = [
     "AgentProtocolError",
     "AgentTimeout",
     "AgentUnavailable",
+    "CommitError",
+    "CommitRecord",
+    "CommitTimeout",
     "EventOverflow",
     "JobError",
+    "JobReadyTimeout",
     "MonitorCommandError",
     "MonitorError",
     "MonitorProtocolError",
@@ -46,6 +54,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotRecord",
     "ThawError",
+    "UnknownMountpointError",
     "UsageError",
 ]
 
@@ -149,6 +158,22 @@ class JobError(MonitorCommandError):
         self.job_id = job_id
 
 
+class JobReadyTimeout(MonitorTimeout):
+    """A two-phase job (an active ``block-commit``, a mirror) was not ready to be completed in
+    time, e.g. because the guest writes faster than the job copies. The job was cancelled and
+    dismissed: the VM stays on the node it ran on.
+
+    Attributes:
+        job_id: the job's id.
+        progress: its last :class:`~qmpagent.JobProgress` (bytes copied of the total), if read.
+    """
+
+    def __init__(self, message: str, *, job_id: str, progress: object = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.progress = progress
+
+
 class EventOverflow(MonitorError):
     """The consumer of an event stream fell behind and its bounded queue overflowed.
 
@@ -233,3 +258,76 @@ class ThawError(SnapshotError):
     THE GUEST MAY STILL BE FROZEN. Check with ``guest-fsfreeze-status`` and thaw by hand
     (``qmpagent agent fsfreeze thaw``) once the agent answers again.
     """
+
+
+class UnknownMountpointError(UsageError):
+    """``snapshot(mountpoints=...)`` named a mountpoint the guest does not have mounted
+    (checked against ``guest-get-fsinfo`` before anything is frozen; qemu-ga itself would
+    ignore it silently and freeze less than asked).
+
+    Attributes:
+        unknown: the mountpoints the guest does not have.
+        known: the guest's mountpoints.
+    """
+
+    def __init__(self, unknown: list[str], known: list[str]) -> None:
+        super().__init__(
+            f"the guest has no filesystem mounted at {', '.join(unknown)} "
+            f"(mounted: {', '.join(known) or 'none'}); nothing was frozen"
+        )
+        self.unknown = unknown
+        self.known = known
+
+
+# --- commits -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommitRecord:
+    """Where a commit stood when it stopped (see :class:`CommitError`).
+
+    Attributes:
+        stage: the step that failed: ``"preflight"``, ``"start"``, ``"ready"``, ``"pivot"``,
+            ``"verify"`` or ``"cleanup"``.
+        device: the device (qdev id) whose disk was committed, if known.
+        job_id: the commit job's id, once one was started or found.
+        top: the active node the commit merged from.
+        base: the node it merged into.
+        active_node: the node the device runs on now, as last read (None if unknown).
+        pivoted: whether the device runs on ``base`` now: True, False, or None if unknown.
+        removed_nodes: the merged nodes (and their file nodes) detached.
+        removed_files: the merged images' files deleted.
+        left_nodes: merged nodes still attached (a later commit of the disk removes them).
+    """
+
+    stage: str = "preflight"
+    device: str | None = None
+    job_id: str | None = None
+    top: str | None = None
+    base: str | None = None
+    active_node: str | None = None
+    pivoted: bool | None = False
+    removed_nodes: list[str] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)
+    left_nodes: list[str] = field(default_factory=list)
+
+
+class CommitError(QMPAgentError):
+    """A commit did not finish. Its message and :attr:`record` say where the VM stands: on
+    its original active layer (nothing changed but the base's content below it), or on the
+    base with merged nodes left attached. Either way it runs on a valid chain, and a later
+    ``commit`` of the same disk finishes what is left.
+
+    Attributes:
+        record: a :class:`CommitRecord`.
+    """
+
+    def __init__(self, message: str, record: CommitRecord | None = None) -> None:
+        super().__init__(message)
+        self.record = record if record is not None else CommitRecord()
+
+
+class CommitTimeout(CommitError, TimeoutError):
+    """The commit job was not ready within the timeout (the guest's writes may keep it from
+    converging: try a quieter moment, or a ``speed`` limit). It was cancelled and dismissed:
+    the VM still runs on its active layer."""

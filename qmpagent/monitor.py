@@ -12,7 +12,9 @@
 * bounded event streams (:meth:`Monitor.listen`) that report lost events as
   :class:`~qmpagent.EventOverflow` at the point of loss, and :meth:`Monitor.wait_event`; the
   never-drained default listener of ``qemu.qmp`` is switched off (it grows without bound);
-* jobs run to completion and always dismissed (:meth:`Monitor.run_job`);
+* jobs run to completion and always dismissed (:meth:`Monitor.run_job`), and two-phase jobs
+  (an active ``block-commit``: ready, then completed or cancelled) step by step
+  (:meth:`Monitor.block_job`, :meth:`Monitor.attach_job`);
 * the state of the guest agent's virtio-serial port (:meth:`Monitor.agent_port_open`,
   :meth:`Monitor.wait_agent_port`);
 * the block queries a snapshot needs (:meth:`Monitor.named_block_nodes`,
@@ -21,6 +23,7 @@
 The concerns live in modules of their own, each behind a part of :class:`Monitor`:
 :mod:`~qmpagent.events` (event streams), :mod:`~qmpagent.deadlines` (commands under their
 timeouts), :mod:`~qmpagent.qmp_errors` (``qemu.qmp``'s errors translated), :mod:`~qmpagent.jobs`,
+:mod:`~qmpagent.block_jobs` (two-phase jobs),
 :mod:`~qmpagent.ports` (virtio-serial and agent port state) and :mod:`~qmpagent.block`.
 Every name they define that was importable from here still is.
 
@@ -49,6 +52,7 @@ from qemu.qmp import QMPClient, Runstate
 from . import _addresses
 from ._closing import AsyncClosing
 from .block import BlockDevice, BlockNode, BlockQueries
+from .block_jobs import BlockJob, JobProgress, ProgressCallback
 from .deadlines import CommandDeadlines
 from .disconnect import ABORT_GRACE, disconnect
 from .errors import (  # the F401 ones are raised in other modules now; importable here as before
@@ -75,8 +79,10 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_EVENT_QUEUE_SIZE",
     "BlockDevice",
+    "BlockJob",
     "BlockNode",
     "EventStream",
+    "JobProgress",
     "JobResult",
     "Monitor",
     "MonitorState",
@@ -494,6 +500,67 @@ class Monitor(AsyncClosing):
                 else DEFAULT_COMMAND_TIMEOUT
             ),
         )
+
+    def block_job(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        job_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+        progress_interval: float = 1.0,
+    ) -> BlockJob:
+        """A two-phase job (an active ``block-commit``, ``blockdev-mirror``), to use as
+        ``async with mon.block_job(...) as job``: the command is issued on entry (its events
+        listened for first), then ``await job.wait_ready(timeout=...)`` and
+        ``await job.complete(timeout=...)`` or ``await job.cancel(timeout=...)``.
+
+        Leaving the block before the job was completed or cancelled (an error, a timeout, the
+        caller cancelled) cancels and dismisses it, shielded and bounded by
+        :attr:`command_timeout`; so does a :class:`~qmpagent.JobReadyTimeout` of
+        :meth:`BlockJob.wait_ready`. Start block jobs with ``"auto-dismiss": false`` (and
+        ``"speed"`` in bytes per second to limit them).
+
+        Args:
+            command: the command that starts the job.
+            arguments: its arguments; ``"job-id"`` is added when missing.
+            job_id: the job id to use (default: ``arguments["job-id"]``, else a fresh one).
+            on_progress: called with a :class:`JobProgress` at every progress poll.
+            progress_interval: seconds between progress polls (``query-jobs``).
+
+        Raises:
+            UsageError: ``job_id`` contradicts ``arguments["job-id"]``, or a bad interval.
+            MonitorCommandError: on entry: QEMU refused the command (no job was started).
+        """
+        return BlockJob(
+            self, command, arguments, job_id=job_id, cleanup_timeout=self._cleanup_timeout(),
+            on_progress=on_progress, progress_interval=progress_interval,
+        )
+
+    def attach_job(
+        self,
+        job_id: str,
+        *,
+        on_progress: ProgressCallback | None = None,
+        progress_interval: float = 1.0,
+    ) -> BlockJob:
+        """A handle on an existing job (e.g. one left by a process that died), to use as
+        ``async with mon.attach_job(job_id) as job``; its status is read on entry. As with
+        :meth:`block_job`, leaving the block without completing or cancelling the job cancels
+        and dismisses it.
+
+        Raises:
+            UsageError: ``job_id`` is not a non-empty string.
+            MonitorCommandError: on entry: QEMU has no such job (``"DeviceNotFound"``).
+        """
+        return BlockJob(
+            self, None, None, job_id=job_id, cleanup_timeout=self._cleanup_timeout(),
+            on_progress=on_progress, progress_interval=progress_interval,
+        )
+
+    def _cleanup_timeout(self) -> float:
+        # bounds the clean-up of a job given up on, even on a monitor without a timeout
+        return self.command_timeout if self.command_timeout is not None else DEFAULT_COMMAND_TIMEOUT
 
     # agent port -------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -53,6 +53,9 @@ import anyio
 
 from ._shield import run_to_completion
 from .agent import AgentAddress, FreezeStatus, GuestAgent, check_address
+from .block_jobs import ProgressCallback
+from .chain import ChainNode, block_chain
+from .commit import CommitResult, commit_disk
 from .errors import (
     AgentCommandError,
     AgentError,
@@ -68,6 +71,7 @@ from .errors import (
     UsageError,
 )
 from .monitor import BlockNode, Monitor
+from .mountpoints import check_mountpoints, require_known
 from .snapshot_state import (
     FreezeOwner,
     FreezeState,
@@ -342,6 +346,7 @@ class SnapshotOrchestrator:
         freeze_timeout: float = 10.0,
         *,
         on_phase: PhaseCallback | None = None,
+        mountpoints: Sequence[str] | None = None,
     ) -> SnapshotResult:
         """Take one atomic external snapshot of ``disks``.
 
@@ -366,6 +371,12 @@ class SnapshotOrchestrator:
                 done) first, then that exception propagates, unless a :class:`ThawError` does
                 (the guest may still be frozen: that is what the caller must learn; the
                 interrupt is logged).
+            mountpoints: freeze only these filesystems (``guest-fsfreeze-freeze-list``), e.g.
+                ``["/mnt/data"]``; default: all of them. Each must be one the guest reports in
+                ``guest-get-fsinfo`` (checked before the freeze; qemu-ga would ignore an
+                unknown one); the rules are the same (only a freeze of ours is thawed).
+                Note that qemu-ga's thaw takes no list: it thaws every frozen filesystem, so a
+                filesystem another tool froze is thawed too (reported in ``warnings``).
 
         Returns:
             A :class:`SnapshotResult`.
@@ -373,7 +384,10 @@ class SnapshotOrchestrator:
         Raises:
             UsageError: bad arguments (unknown quiesce mode, empty ``disks``, a bad timeout, an
                 overlay path that is not absolute UTF-8 text without NUL, an existing file, two
-                paths that are one file), raised before anything is sent.
+                paths that are one file, a bad ``mountpoints`` list or one given with
+                ``quiesce="off"``), raised before anything is sent.
+            UnknownMountpointError: a mountpoint the guest does not have (a UsageError),
+                raised before anything is frozen or created.
             SnapshotError: no snapshot was taken, or (``quiesce="required"``) it could not be
                 quiesced; ``.record`` says what was done and undone.
             ThawError: this operation froze the guest and could not thaw it: THE GUEST MAY STILL
@@ -381,6 +395,9 @@ class SnapshotOrchestrator:
         """
         mode = _quiesce_mode(quiesce)
         timeout = _seconds("freeze_timeout", freeze_timeout)
+        chosen = check_mountpoints(mountpoints)
+        if chosen is not None and mode is Quiesce.OFF:
+            raise UsageError('mountpoints= chooses what to freeze: it makes no sense with quiesce="off"')
         timeouts = self._timeouts()
         if not isinstance(disks, Mapping) or not disks:
             raise UsageError("disks must be a non-empty mapping of node name to overlay path")
@@ -397,7 +414,76 @@ class SnapshotOrchestrator:
             _check_absent(checked)
         async with self._busy:
             op = _Operation(self, mode, timeout, on_phase, timeouts)
+            op.mountpoints = chosen
             return await op.run(paths)
+
+    async def chain(self, disk: str) -> list[ChainNode]:
+        """The backing chain of a device or node, active layer first: a list of
+        :class:`~qmpagent.ChainNode` (a :class:`~qmpagent.BlockNode` with ``file_node_name``,
+        ``backing_node_name`` and ``depth``): node names, files, formats, virtual sizes.
+
+        Args:
+            disk: a device id (``"vblk0"``: its active layer first) or a node name.
+
+        Raises:
+            UsageError: no such device or node.
+            MonitorError: a query failed, or QEMU's replies have the wrong shape.
+        """
+        return await block_chain(self.monitor, disk)
+
+    async def commit(
+        self,
+        disk: str,
+        base: str | None = None,
+        delete_files: bool = False,
+        timeout: float | None = None,
+        *,
+        speed: int | None = None,
+        on_progress: ProgressCallback | None = None,
+        progress_interval: float = 1.0,
+    ) -> CommitResult:
+        """Merge the device's active layer (and every layer between) down into ``base``,
+        pivot the device to it, check that it runs on it, and remove the merged nodes (qcow2
+        and file nodes, top first) and, with ``delete_files``, their files.
+
+        Runs after (never during) a snapshot of this orchestrator. A later call on the same
+        disk finishes what an interrupted one left (its job completed or dismissed, merged
+        nodes left attached removed) instead of merging one layer more.
+
+        Args:
+            disk: the device id (or its active layer's node name).
+            base: the node to merge into; default the image directly below the active layer.
+                A deeper one only when named: bases are often shared by several VMs, and a
+                commit into one changes all of them.
+            delete_files: delete the merged images' files once no node has them open.
+            timeout: the longest wait for the job to be ready (default :attr:`job_timeout`);
+                the guest's writes can keep it from converging.
+            speed: limit the copy to this many bytes per second (``block-commit``'s
+                ``speed``); a limit can help neither the guest nor the job starve the other.
+            on_progress: called with a :class:`~qmpagent.JobProgress` at each poll.
+            progress_interval: seconds between progress polls.
+
+        Returns:
+            A :class:`~qmpagent.CommitResult` (``active_node``, ``removed_nodes``,
+            ``removed_files``, ...).
+
+        Raises:
+            UsageError: bad arguments, no such device, nothing to commit, or a ``base`` that
+                is not below the active layer.
+            CommitTimeout: not ready in time: the job was cancelled and dismissed; the VM
+                still runs on its active layer.
+            CommitError: the job failed or was cancelled from outside, the pivot failed, or
+                removing the merged nodes or files failed; ``.record`` and the message say
+                where the VM runs (on the active layer, or on the base with nodes left).
+        """
+        ready = self._timeouts().job if timeout is None else _seconds("timeout", timeout)
+        t = self._timeouts()
+        async with self._busy:
+            return await commit_disk(
+                self.monitor, disk, base=base, delete_files=delete_files, timeout=ready,
+                command_timeout=t.command, job_timeout=t.job, speed=speed,
+                on_progress=on_progress, progress_interval=progress_interval,
+            )
 
 
 async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any, Any, None]) -> None:
@@ -499,6 +585,7 @@ class _Operation:
         self.vm_running = False
         self.warnings: list[str] = []
         self.filesystems: int | None = None  # what guest-get-fsinfo lists, if it answers
+        self.mountpoints: tuple[str, ...] | None = None  # freeze only these (None: all)
         # The last agent error that hid the freeze's outcome or failed a thaw (for messages).
         self.agent_error: BaseException | None = None
         # When the resolution of a freeze without reply must give up (thaw_timeout from its
@@ -717,13 +804,29 @@ class _Operation:
         disabled = [c for c in FREEZE_COMMANDS if not info.is_enabled(c)]
         if disabled:
             raise _Unquiescable(f"the guest agent has {', '.join(disabled)} disabled")
-        if info.is_enabled("guest-get-fsinfo"):
+        if self.mountpoints is not None:
+            await self._check_mountpoints(info)
+        elif info.is_enabled("guest-get-fsinfo"):
             # To notice a freeze that freezes fewer filesystems than there are (see _freeze).
             try:
                 fsinfo = await self.agent.get_fsinfo(timeout=t)
                 self.filesystems = len({fs.get("mountpoint") for fs in fsinfo})
             except AgentError as exc:
                 log.info("guest-get-fsinfo failed (%s); freeze counts are not cross-checked", exc)
+
+    async def _check_mountpoints(self, info: Any) -> None:
+        """Every chosen mountpoint is one the guest has (before anything is frozen or made):
+        qemu-ga would skip an unknown one silently. UnknownMountpointError otherwise."""
+        assert self.agent is not None and self.mountpoints is not None
+        for command in ("guest-fsfreeze-freeze-list", "guest-get-fsinfo"):
+            if not info.is_enabled(command):
+                raise _Unquiescable(f"mountpoints= needs {command}, which the agent has disabled")
+        try:
+            fsinfo = await self.agent.get_fsinfo(timeout=self.t.agent)
+        except AgentError as exc:
+            raise _Unquiescable(f"guest-get-fsinfo failed, the mountpoints cannot be checked: {exc}") from exc
+        require_known(self.mountpoints, fsinfo)
+        self.filesystems = len(self.mountpoints)
 
     # --- prepare --------------------------------------------------------------------------
 
@@ -820,7 +923,9 @@ class _Operation:
         # The freeze's own wait is part of the window.
         wait = min(self.t.agent, self.freeze_timeout)
         try:
-            n = await self.agent.fsfreeze_freeze(timeout=wait, on_sent=self._freeze_written)
+            n = await self.agent.fsfreeze_freeze(
+                self.mountpoints, timeout=wait, on_sent=self._freeze_written
+            )
         except AgentCommandError as exc:
             # The agent answered: it thaws by itself when a freeze fails part-way, and a
             # CommandNotFound here means someone froze it since preflight. Not ours either way.
@@ -863,8 +968,9 @@ class _Operation:
         if self.filesystems is not None and n < self.filesystems:
             # qemu-ga skips a filesystem that is already frozen (EBUSY) without a word, and its
             # thaw thaws every frozen filesystem: nothing can keep ours from thawing it too.
+            which = "chosen" if self.mountpoints is not None else "guest's"
             self.warnings.append(
-                f"the freeze froze {n} of the guest's {self.filesystems} filesystems: the others "
+                f"the freeze froze {n} of the {which} {self.filesystems} filesystems: the others "
                 "may be frozen by another tool in the guest, and qemu-ga's thaw thaws them too"
             )
             log.warning("%s", self.warnings[-1])
@@ -1074,6 +1180,13 @@ class _Operation:
             try:
                 n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
                 st.thaw_confirmed(n, time.monotonic())
+                if n > st.frozen:
+                    # qemu-ga's thaw takes no list: it thawed a freeze that was not ours.
+                    self.warnings.append(
+                        f"the thaw thawed {n} filesystems, {n - st.frozen} more than this "
+                        "snapshot froze: another tool's freeze in the guest was thawed too"
+                    )
+                    log.warning("%s", self.warnings[-1])
                 return
             except AgentError as exc:
                 self.agent_error = exc

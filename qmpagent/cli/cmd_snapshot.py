@@ -47,6 +47,7 @@ class SnapshotOptions(CommonOptions):
     job_timeout: float
     connect_timeout: float
     agent_chardev: str | None
+    mountpoint: list[str] | None
 
     def usage_problem(self) -> str | None:
         """``--qmp`` is required; no disk may be named twice."""
@@ -72,6 +73,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("timeouts (seconds)")
     for flag, default, help in _TIMEOUTS:
         t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
+    g.add_argument("--mountpoint", action="append", metavar="PATH",
+                   help="freeze only this guest filesystem (repeatable; default: all); one the "
+                   "guest does not have is refused before anything is frozen")
     p.add_argument("--agent-chardev", metavar="ID",
                    help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
 
@@ -133,6 +137,7 @@ async def _run(opts: SnapshotOptions) -> int:
             quiesce=opts.quiesce,
             freeze_timeout=opts.freeze_timeout,
             on_phase=_progress if tty(sys.stderr) and not opts.json else None,
+            mountpoints=opts.mountpoint,
         )
     if opts.json:
         emit_json(dataclasses.asdict(result))

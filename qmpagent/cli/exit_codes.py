@@ -33,6 +33,9 @@ class ExitCode(enum.IntEnum):
     SNAPSHOT_FAILED = 7
     #: ``snapshot``: our freeze could not be thawed. THE GUEST MAY STILL BE FROZEN.
     THAW_FAILED = 8
+    #: ``commit``: the commit did not finish (the error says where the VM runs: on its active
+    #: layer, or on the base with merged nodes left); run it again to finish.
+    COMMIT_FAILED = 9
     #: Interrupted by SIGINT (Ctrl-C). A freeze made by this command is thawed first.
     INTERRUPTED = 130
     #: Terminated by SIGTERM. A freeze made by this command is thawed first.
@@ -50,6 +53,7 @@ EXIT_CODE_HELP: Final[dict[ExitCode, str]] = {
     ExitCode.COMMAND_ERROR: "QEMU or the agent answered with an error; `agent exec` program failed",
     ExitCode.SNAPSHOT_FAILED: "snapshot failed (or not quiesced under --quiesce required)",
     ExitCode.THAW_FAILED: "THAW FAILED: THE GUEST MAY STILL BE FROZEN; check and thaw by hand",
+    ExitCode.COMMIT_FAILED: "commit did not finish (the VM runs on a valid chain; see the message)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT); a freeze of ours is thawed first",
     ExitCode.TERMINATED: "terminated (SIGTERM); a freeze of ours is thawed first",
 }

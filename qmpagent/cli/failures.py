@@ -17,12 +17,16 @@ from ..errors import (
     AgentCommandError,
     AgentTimeout,
     AgentUnavailable,
+    CommitError,
+    CommitTimeout,
+    JobReadyTimeout,
     MonitorCommandError,
     MonitorTimeout,
     MonitorUnavailable,
     QMPAgentError,
     SnapshotError,
     ThawError,
+    UnknownMountpointError,
     UsageError,
 )
 from .argtypes import address_text
@@ -88,6 +92,21 @@ def _snapshot_detail(exc: SnapshotError, agent: object) -> str:
     return f"{rec.phase}: {exc} ({what})"
 
 
+def _commit_fields(exc: CommitError) -> dict[str, Any]:
+    return {"record": dataclasses.asdict(exc.record)}
+
+
+def _job_fields(exc: JobReadyTimeout) -> dict[str, Any]:
+    progress = exc.progress
+    return {"job_id": exc.job_id,
+            "progress": dataclasses.asdict(progress) if dataclasses.is_dataclass(progress)
+            and not isinstance(progress, type) else None}
+
+
+def _mountpoint_fields(exc: UnknownMountpointError) -> dict[str, Any]:
+    return {"unknown": exc.unknown, "known": exc.known}
+
+
 def _internal_detail(exc: BaseException, agent: object) -> str:
     return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
 
@@ -108,11 +127,16 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
                         _thaw_detail, _record, label=""),
     SnapshotError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot failed in ", _snapshot_detail,
                             _record, label=""),
+    # Listed before UsageError's row, and CommitTimeout before TimeoutError: the MRO decides.
+    CommitTimeout: ErrorRow(ExitCode.TIMEOUT, "timeout: ", fields=_commit_fields),
+    CommitError: ErrorRow(ExitCode.COMMIT_FAILED, fields=_commit_fields, label=""),
+    UnknownMountpointError: ErrorRow(ExitCode.USAGE, fields=_mountpoint_fields),
     UsageError: ErrorRow(ExitCode.USAGE),
     AgentUnavailable: ErrorRow(ExitCode.AGENT_UNAVAILABLE, "guest agent unavailable: "),
     MonitorUnavailable: ErrorRow(ExitCode.QMP_UNAVAILABLE, "QMP unavailable: "),
     # Listed themselves: along their MRO, QMPAgentError comes before TimeoutError.
     AgentTimeout: _TIMEOUT,
+    JobReadyTimeout: ErrorRow(ExitCode.TIMEOUT, "timeout: ", fields=_job_fields),
     MonitorTimeout: _TIMEOUT,
     TimeoutError: _TIMEOUT,
     AgentCommandError: ErrorRow(ExitCode.COMMAND_ERROR, fields=_command),

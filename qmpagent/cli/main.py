@@ -18,6 +18,7 @@ import anyio
 from .. import __version__
 from .cmd_agent import AGENT
 from .cmd_guest import BUILD_GUEST, DEMO
+from .cmd_lifecycle import CHAIN, COMMIT
 from .cmd_qmp import QMP
 from .cmd_snapshot import SNAPSHOT
 from .command import ADDRESS_HELP, Command, CommonOptions, Formatter, Group, add_common_options
@@ -28,7 +29,9 @@ from .output import PROG, err
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommands, in the order ``qmpagent --help`` lists them. A new command is one more entry.
-COMMANDS: Final[tuple[Command[Any] | Group, ...]] = (AGENT, QMP, SNAPSHOT, DEMO, BUILD_GUEST)
+COMMANDS: Final[tuple[Command[Any] | Group, ...]] = (
+    AGENT, QMP, SNAPSHOT, CHAIN, COMMIT, DEMO, BUILD_GUEST,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
