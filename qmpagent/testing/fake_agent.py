@@ -87,7 +87,6 @@ import base64
 import binascii
 import contextlib
 import enum
-import functools
 import inspect
 import logging
 import os
@@ -101,6 +100,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
+
+from ._agent_qapi import BOOL, INT, STR, STR_LIST, FakeAgentError, Param, check_arguments
+from ._json_reader import QEMUJSONEvent, QEMUJSONStreamParser
+from ._json_writer import qdict_order, qemu_json
 
 __all__ = [
     "AgentFault",
@@ -126,815 +129,8 @@ DEFAULT_VERSION: Final = "7.2.22"
 DEBIAN13_VERSION: Final = "10.0.13"
 
 # =================================================================================================
-# QEMU's JSON output format (qobject/qjson.c + qobject/qdict.c)
-# =================================================================================================
-
-_QDICT_BUCKET_MAX: Final = 512
-
-
-def _mod_utf8(text: str) -> bytes:
-    """A Python string as QEMU holds it: UTF-8, with U+0000 as the overlong ``C0 80``."""
-    return text.encode("utf-8", "surrogatepass").replace(b"\x00", b"\xc0\x80")
-
-
-@functools.lru_cache(maxsize=4096)
-def _qdict_bucket(key: str) -> int:
-    # tdb_hash() of qobject/qdict.c, modulo QDICT_BUCKET_MAX.
-    data = _mod_utf8(key)
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, byte in enumerate(data):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKET_MAX
-
-
-def _qdict_order(keys: Sequence[str]) -> list[str]:
-    """Keys in the order QEMU iterates a QDict they were inserted into in this order.
-
-    A QDict is a 512-bucket hash table iterated bucket by bucket; each bucket is a list with the
-    newest entry first.
-    """
-    if len(keys) < 2:
-        return list(keys)
-    ranked = sorted((_qdict_bucket(k), -i, k) for i, k in enumerate(keys))
-    return [k for _, _, k in ranked]
-
-
-def _valid_codepoint(cp: int) -> bool:
-    # util/unicode.c is_valid_codepoint()
-    if cp > 0x10FFFF:
-        return False
-    if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE:
-        return False  # noncharacter
-    return not 0xD800 <= cp <= 0xDFFF  # surrogate
-
-
-_JSON_SAFE_RE: Final = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*\Z")
-_JSON_UNSAFE_RE: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
-_JSON_ESCAPES: Final = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-}
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    ch = match.group()
-    escaped = _JSON_ESCAPES.get(ch)
-    if escaped is not None:
-        return escaped
-    cp = ord(ch)
-    if not _valid_codepoint(cp):
-        cp = 0xFFFD
-    if cp > 0xFFFF:
-        cp -= 0x10000
-        return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
-    return f"\\u{cp:04X}"
-
-
-def _encode_string(text: str, out: list[str]) -> None:
-    if _JSON_SAFE_RE.match(text):
-        out.append(f'"{text}"')
-    else:
-        out.append('"' + _JSON_UNSAFE_RE.sub(_escape_char, text) + '"')
-
-
-def _encode(value: Any, out: list[str]) -> None:
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, int):
-        out.append(str(int(value)))
-    elif isinstance(value, float):
-        out.append(f"{value:.17g}")
-    elif isinstance(value, str):
-        _encode_string(value, out)
-    elif isinstance(value, Mapping):
-        out.append("{")
-        for n, key in enumerate(_qdict_order(list(value))):
-            if not isinstance(key, str):
-                raise TypeError(f"JSON object keys must be strings, not {key!r}")
-            if n:
-                out.append(", ")
-            _encode_string(key, out)
-            out.append(": ")
-            _encode(value[key], out)
-        out.append("}")
-    elif isinstance(value, (list, tuple)):
-        out.append("[")
-        for n, item in enumerate(value):
-            if n:
-                out.append(", ")
-            _encode(item, out)
-        out.append("]")
-    else:
-        raise TypeError(f"cannot encode {type(value).__name__} as JSON")
-
-
-def qemu_json(value: Any) -> str:
-    """Format a JSON value exactly as QEMU does (``qobject_to_json``, not pretty).
-
-    Separators are ``", "`` and ``": "``; object members come in QEMU's QDict iteration order
-    (a 512-bucket hash of the key, newest first within a bucket), which is why the real agent
-    answers ``{"return": {}, "id": 1}`` but ``{"id": 1, "error": {...}}``; characters outside
-    printable ASCII are escaped as upper-case ``\\uXXXX`` (surrogate pairs beyond the BMP,
-    U+FFFD for what QEMU cannot hold); floats use ``%.17g``. Works for QMP replies too.
-
-    Args:
-        value: ``None``, ``bool``, ``int``, ``float``, ``str``, a mapping with string keys (its
-            iteration order is taken as the insertion order), or a list/tuple of these.
-
-    Raises:
-        TypeError: a value of another type.
-    """
-    out: list[str] = []
-    _encode(value, out)
-    return "".join(out)
-
-
-# =================================================================================================
-# QEMU's JSON input: lexer (qobject/json-lexer.c), streamer (json-streamer.c), parser
-# (json-parser.c), as of QEMU 7.2
-# =================================================================================================
-
-# Lexer states
-_ERROR: Final = 0
-_RECOVERY: Final = 1
-_DQ_ESCAPE: Final = 2
-_DQ: Final = 3
-_SQ_ESCAPE: Final = 4
-_SQ: Final = 5
-_ZERO: Final = 6
-_EXP_DIGITS: Final = 7
-_EXP_SIGN: Final = 8
-_EXP_E: Final = 9
-_MANTISSA: Final = 10
-_MANTISSA_DIGITS: Final = 11
-_DIGITS: Final = 12
-_SIGN: Final = 13
-_KEYWORD: Final = 14
-_START: Final = 15
-# Token types (> every state)
-_T_LCURLY: Final = 100
-_T_RCURLY: Final = 101
-_T_LSQUARE: Final = 102
-_T_RSQUARE: Final = 103
-_T_COLON: Final = 104
-_T_COMMA: Final = 105
-_T_INTEGER: Final = 106
-_T_FLOAT: Final = 107
-_T_KEYWORD: Final = 108
-_T_STRING: Final = 109
-_T_OVERSIZE: Final = 110  # not QEMU's: a token that outgrew the size limit
-
-_STRUCTURAL: Final = {
-    ord("{"): _T_LCURLY,
-    ord("}"): _T_RCURLY,
-    ord("["): _T_LSQUARE,
-    ord("]"): _T_RSQUARE,
-    ord(":"): _T_COLON,
-    ord(","): _T_COMMA,
-}
-_WHITESPACE: Final = frozenset(b" \t\r\n")
-_DIGIT: Final = frozenset(b"0123456789")
-_LOWER: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz")
-
-
-def _transition(state: int, c: int) -> tuple[int, bool]:
-    """One step of QEMU's lexer table: ``(new state or token type, lookahead)``.
-
-    With lookahead the character is not consumed and is fed again in the new state.
-    """
-    if state == _START:
-        if c == 0x22:
-            return _DQ, False
-        if c == 0x27:
-            return _SQ, False
-        if c == 0x30:
-            return _ZERO, False
-        if 0x31 <= c <= 0x39:
-            return _DIGITS, False
-        if c == 0x2D:
-            return _SIGN, False
-        token = _STRUCTURAL.get(c)
-        if token is not None:
-            return token, False
-        if c in _LOWER:
-            return _KEYWORD, False
-        if c in _WHITESPACE:
-            return _START, False
-        return _ERROR, False
-    if state in (_DQ, _SQ):
-        if c == (0x22 if state == _DQ else 0x27):
-            return _T_STRING, False
-        if c == 0x5C:
-            return (_DQ_ESCAPE if state == _DQ else _SQ_ESCAPE), False
-        if 0x20 <= c <= 0xFD:
-            return state, False
-        return _ERROR, False
-    if state in (_DQ_ESCAPE, _SQ_ESCAPE):
-        if 0x20 <= c <= 0xFD:
-            return (_DQ if state == _DQ_ESCAPE else _SQ), False
-        return _ERROR, False
-    if state == _RECOVERY:
-        if c == 0x09 or (0x20 <= c <= 0xFD and c not in _STRUCTURAL):
-            return _RECOVERY, False
-        return _START, True
-    if state == _ZERO:
-        if c in _DIGIT:
-            return _ERROR, False
-        if c == 0x2E:
-            return _MANTISSA, False
-        return _T_INTEGER, True
-    if state == _DIGITS:
-        if c in _DIGIT:
-            return _DIGITS, False
-        if c in (0x65, 0x45):
-            return _EXP_E, False
-        if c == 0x2E:
-            return _MANTISSA, False
-        return _T_INTEGER, True
-    if state == _SIGN:
-        if c == 0x30:
-            return _ZERO, False
-        if 0x31 <= c <= 0x39:
-            return _DIGITS, False
-        return _ERROR, False
-    if state == _MANTISSA:
-        return (_MANTISSA_DIGITS, False) if c in _DIGIT else (_ERROR, False)
-    if state == _MANTISSA_DIGITS:
-        if c in _DIGIT:
-            return _MANTISSA_DIGITS, False
-        if c in (0x65, 0x45):
-            return _EXP_E, False
-        return _T_FLOAT, True
-    if state == _EXP_E:
-        if c in (0x2B, 0x2D):
-            return _EXP_SIGN, False
-        return (_EXP_DIGITS, False) if c in _DIGIT else (_ERROR, False)
-    if state == _EXP_SIGN:
-        return (_EXP_DIGITS, False) if c in _DIGIT else (_ERROR, False)
-    if state == _EXP_DIGITS:
-        return (_EXP_DIGITS, False) if c in _DIGIT else (_T_FLOAT, True)
-    if state == _KEYWORD:
-        return (_KEYWORD, False) if c in _LOWER else (_T_KEYWORD, True)
-    raise AssertionError(f"bad lexer state {state}")  # pragma: no cover
-
-
-def _byte_run(allowed: Iterable[int]) -> re.Pattern[bytes]:
-    return re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in sorted(allowed)) + b"]+")
-
-
-# Fast paths over runs of bytes that only extend the current token (or are skipped).
-_DQ_RUN: Final = _byte_run(b for b in range(0x20, 0xFE) if b not in (0x22, 0x5C))
-_SQ_RUN: Final = _byte_run(b for b in range(0x20, 0xFE) if b not in (0x27, 0x5C))
-_WS_RUN: Final = _byte_run(_WHITESPACE)
-_RECOVERY_RUN: Final = _byte_run(
-    [0x09, *(b for b in range(0x20, 0xFE) if b not in _STRUCTURAL)]
-)
-
-
-def _mod_utf8_codepoint(data: bytes, i: int) -> tuple[int, int]:
-    """Decode one code point at ``data[i]`` like QEMU's ``mod_utf8_codepoint``.
-
-    Returns ``(code point or -1 if invalid, index after it)``.
-    """
-    byte = data[i]
-    i += 1
-    if byte < 0x80:
-        return byte, i
-    if byte >= 0xFE or not byte & 0x40:
-        return -1, i  # impossible byte, or unexpected continuation byte
-    length = 0
-    mask = 0x80
-    while byte & mask:
-        length += 1
-        mask >>= 1
-    cp = byte & (mask - 1)
-    for _ in range(1, length):
-        nxt = data[i] if i < len(data) else 0
-        if nxt & 0xC0 != 0x80:
-            return -1, i  # continuation byte missing
-        i += 1
-        cp = (cp << 6) | (nxt & 0x3F)
-    if not _valid_codepoint(cp):
-        return -1, i
-    if cp < (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2] and not (
-        cp == 0 and length == 2
-    ):
-        return -1, i  # overlong, other than C0 80
-    return cp, i
-
-
-def _c_string(data: bytes) -> str:
-    """Bytes QEMU prints with ``%s`` and then formats as JSON: cut at NUL, invalid -> U+FFFD."""
-    data = data.split(b"\x00", 1)[0]
-    chars = []
-    i = 0
-    while i < len(data):
-        cp, i = _mod_utf8_codepoint(data, i)
-        chars.append(chr(0xFFFD if cp < 0 else cp))
-    return "".join(chars)
-
-
-class _ParseError(Exception):
-    pass
-
-
-class _Parser:
-    """QEMU's recursive descent parser over one message's tokens (first error wins)."""
-
-    def __init__(self, tokens: list[tuple[int, bytes]]) -> None:
-        self.tokens = tokens
-        self.pos = 0
-
-    def error(self, message: str) -> _ParseError:
-        return _ParseError(f"JSON parse error, {message}")
-
-    def peek(self) -> tuple[int, bytes] | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def pop(self) -> tuple[int, bytes] | None:
-        token = self.peek()
-        if token is not None:
-            self.pos += 1
-        return token
-
-    def value(self) -> Any:
-        token = self.peek()
-        if token is None:
-            raise self.error("premature EOI")
-        kind, text = token
-        if kind == _T_LCURLY:
-            return self.object()
-        if kind == _T_LSQUARE:
-            return self.array()
-        if kind in (_T_INTEGER, _T_FLOAT, _T_STRING):
-            self.pos += 1
-            return self.literal(kind, text)
-        if kind == _T_KEYWORD:
-            self.pos += 1
-            if text == b"true":
-                return True
-            if text == b"false":
-                return False
-            if text == b"null":
-                return None
-            raise self.error(f"invalid keyword '{_c_string(text)}'")
-        raise self.error("expecting value")
-
-    def object(self) -> dict[str, Any]:
-        self.pop()
-        result: dict[str, Any] = {}
-        peek = self.peek()
-        if peek is None:
-            raise self.error("premature EOI")
-        if peek[0] == _T_RCURLY:
-            self.pop()
-            return result
-        self.pair(result)
-        while True:
-            token = self.pop()
-            if token is None:
-                raise self.error("premature EOI")
-            if token[0] == _T_RCURLY:
-                return result
-            if token[0] != _T_COMMA:
-                raise self.error("expected separator in dict")
-            self.pair(result)
-
-    def pair(self, result: dict[str, Any]) -> None:
-        if self.peek() is None:
-            raise self.error("premature EOI")
-        key = self.value()
-        if not isinstance(key, str):
-            raise self.error("key is not a string in object")
-        token = self.pop()
-        if token is None:
-            raise self.error("premature EOI")
-        if token[0] != _T_COLON:
-            raise self.error("missing : in object pair")
-        value = self.value()
-        if key in result:
-            raise self.error("duplicate key")
-        result[key] = value
-
-    def array(self) -> list[Any]:
-        self.pop()
-        result: list[Any] = []
-        peek = self.peek()
-        if peek is None:
-            raise self.error("premature EOI")
-        if peek[0] == _T_RSQUARE:
-            self.pop()
-            return result
-        result.append(self.value())
-        while True:
-            token = self.pop()
-            if token is None:
-                raise self.error("premature EOI")
-            if token[0] == _T_RSQUARE:
-                return result
-            if token[0] != _T_COMMA:
-                raise self.error("expected separator in list")
-            result.append(self.value())
-
-    def literal(self, kind: int, text: bytes) -> Any:
-        if kind == _T_STRING:
-            return self.string(text)
-        if kind == _T_INTEGER:
-            number = int(text)
-            if -(1 << 63) <= number < (1 << 63) or 0 <= number < (1 << 64):
-                return number
-        return float(text)
-
-    def string(self, text: bytes) -> str:
-        quote = text[0]
-        out: list[str] = []
-        i = 1
-        while text[i] != quote:
-            c = text[i]
-            if c == 0x5C:
-                begin = i
-                i += 1
-                esc = text[i]
-                i += 1
-                simple = _SIMPLE_ESCAPES.get(esc)
-                if simple is not None:
-                    out.append(simple)
-                    continue
-                if esc != 0x75:  # 'u'
-                    raise self.error("invalid escape sequence in string")
-                cp = _hex4(text, i)
-                i += 4
-                if 0xD800 <= cp <= 0xDBFF and text[i : i + 2] == b"\\u":
-                    trailing = _hex4(text, i + 2)
-                    if 0xDC00 <= trailing <= 0xDFFF:
-                        cp = 0x10000 + ((cp & 0x3FF) << 10) | (trailing & 0x3FF)
-                        i += 6
-                    else:
-                        cp = -1
-                if cp < 0 or not _valid_codepoint(cp):
-                    raise self.error(
-                        f"{_c_string(text[begin:i])} is not a valid Unicode character"
-                    )
-                out.append(chr(cp))
-            else:
-                cp, i = _mod_utf8_codepoint(text, i)
-                if cp < 0:
-                    raise self.error("invalid UTF-8 sequence in string")
-                out.append(chr(cp))
-        return "".join(out)
-
-
-_SIMPLE_ESCAPES: Final = {
-    ord('"'): '"',
-    ord("'"): "'",
-    ord("\\"): "\\",
-    ord("/"): "/",
-    ord("b"): "\b",
-    ord("f"): "\f",
-    ord("n"): "\n",
-    ord("r"): "\r",
-    ord("t"): "\t",
-}
-
-
-def _hex4(text: bytes, i: int) -> int:
-    digits = text[i : i + 4]
-    if len(digits) < 4 or not all(d in b"0123456789abcdefABCDEF" for d in digits):
-        return -1
-    return int(digits, 16)
-
-
-@dataclass(frozen=True, slots=True)
-class QEMUJSONEvent:
-    """One outcome of :meth:`QEMUJSONStreamParser.feed`: a JSON value, or an error.
-
-    Attributes:
-        value: the parsed value (``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` or
-            ``None``); ``None`` also when ``error`` is set.
-        error: QEMU's error text (e.g. ``"JSON parse error, stray '\\ufffd'"``), or ``None``.
-        after_sync_byte: a 0xFF byte was consumed since the previous successfully parsed value
-            (for the parse error the 0xFF itself causes, and for the value after it).
-        size: the bytes of the tokens that made the value (0 for an error).
-    """
-
-    value: Any
-    error: str | None
-    after_sync_byte: bool
-    size: int = 0
-
-
-class QEMUJSONStreamParser:
-    """QEMU's JSON stream parser (lexer, streamer and parser of QEMU 7.2), sans I/O.
-
-    Feed it bytes as they arrive; it returns what QEMU would hand to its dispatcher: each
-    complete top-level value, or an error after which it recovers like QEMU (skipping to the
-    next structural character or control byte; a 0xFF or 0xFE byte always ends the partial
-    input with ``stray``). Messages need no separator and no newline.
-
-    Args:
-        max_message_size: the most bytes of tokens one message may hold (QEMU: 64 MiB);
-            beyond it the message ends with "JSON token size limit exceeded".
-        max_tokens: the most tokens one message may hold (QEMU: 2 Mi).
-        max_nesting: the deepest nesting of ``{`` and ``[`` (QEMU: 1024).
-    """
-
-    def __init__(
-        self,
-        *,
-        max_message_size: int = 64 << 20,
-        max_tokens: int = 2 << 20,
-        max_nesting: int = 1024,
-    ) -> None:
-        self._max_size = max_message_size
-        self._max_tokens = max_tokens
-        self._max_nesting = max_nesting
-        self._state = _START
-        self._token = bytearray()
-        self._tokens: list[tuple[int, bytes]] = []
-        self._size = 0
-        self._brace = 0
-        self._bracket = 0
-        self._saw_sync = False
-        self._events: list[QEMUJSONEvent] = []
-
-    def feed(self, data: bytes) -> list[QEMUJSONEvent]:
-        """Consume ``data``; return the values and errors it completed, in order."""
-        i = 0
-        n = len(data)
-        while i < n:
-            state = self._state
-            run: re.Pattern[bytes] | None = None
-            if state == _DQ:
-                run = _DQ_RUN
-            elif state == _SQ:
-                run = _SQ_RUN
-            elif state == _START:
-                run = _WS_RUN
-            elif state == _RECOVERY:
-                run = _RECOVERY_RUN
-            if run is not None:
-                match = run.match(data, i)
-                if match is not None:
-                    end = match.end()
-                    if state in (_DQ, _SQ):
-                        end = min(end, i + self._max_size - len(self._token) + 1)
-                        self._token += data[i:end]
-                        i = end
-                        self._check_token_size()
-                    else:
-                        i = end
-                    continue
-            self._feed_char(data[i])
-            i += 1
-        events, self._events = self._events, []
-        return events
-
-    def _feed_char(self, c: int) -> None:
-        consumed = False
-        while not consumed:
-            new, lookahead = _transition(self._state, c)
-            consumed = not lookahead
-            if consumed:
-                self._token.append(c)
-                if c == 0xFF:
-                    self._saw_sync = True
-            if new >= _T_LCURLY:
-                self._token_done(new, bytes(self._token))
-                self._token.clear()
-                new = _START
-            elif new == _START:
-                self._token.clear()
-            elif new == _ERROR:
-                self._emit(None, f"JSON parse error, stray '{_c_string(bytes(self._token))}'")
-                self._token.clear()
-                new = _RECOVERY
-            elif new == _RECOVERY:
-                self._token.clear()
-            self._state = new
-        self._check_token_size()
-
-    def _check_token_size(self) -> None:
-        if len(self._token) > self._max_size:
-            self._token_done(_T_OVERSIZE, b"")
-            self._token.clear()
-            self._state = _START
-
-    def _token_done(self, kind: int, text: bytes) -> None:
-        # json_message_process_token()
-        if kind == _T_LCURLY:
-            self._brace += 1
-        elif kind == _T_RCURLY:
-            self._brace -= 1
-        elif kind == _T_LSQUARE:
-            self._bracket += 1
-        elif kind == _T_RSQUARE:
-            self._bracket -= 1
-        if kind == _T_OVERSIZE or self._size + len(text) + 1 > self._max_size:
-            self._emit(None, "JSON token size limit exceeded")
-            return
-        if len(self._tokens) + 1 > self._max_tokens:
-            self._emit(None, "JSON token count limit exceeded")
-            return
-        if self._bracket + self._brace > self._max_nesting:
-            self._emit(None, "JSON nesting depth limit exceeded")
-            return
-        self._tokens.append((kind, text))
-        self._size += len(text)
-        # QEMU 7.2 tests bracket_count twice here (and brace_count not at all): kept as is.
-        if (self._brace > 0 or self._bracket > 0) and self._bracket >= 0:
-            return
-        parser = _Parser(self._tokens)
-        try:
-            value = parser.value()
-        except _ParseError as exc:
-            self._emit(None, str(exc))
-        else:
-            self._emit(value, None)
-
-    def _emit(self, value: Any, error: str | None) -> None:
-        size = self._size if error is None else 0
-        self._brace = self._bracket = 0
-        self._tokens = []
-        self._size = 0
-        self._events.append(QEMUJSONEvent(value, error, self._saw_sync, size))
-        if error is None:
-            self._saw_sync = False
-
-
-# =================================================================================================
-# QAPI argument checks (qapi/qobject-input-visitor.c) and GLib's hash table iteration order
-# =================================================================================================
-
-_GLIB_PRIME_MOD: Final = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381,
-                          32749, 65521, 131071, 262139, 524287, 1048573, 2097143, 4194301)
-
-
-class _GHashSet:
-    """Enough of GLib's ``GHashTable`` (2.74) to know which key it iterates first.
-
-    The QAPI input visitor puts the argument names in one, removes each one it visits, and
-    reports the first left over as "Parameter '...' is unexpected".
-    """
-
-    def __init__(self) -> None:
-        self._set_shift(3)
-
-    def _set_shift(self, shift: int) -> None:
-        self.size = 1 << shift
-        self.mod = _GLIB_PRIME_MOD[shift]
-        self.mask = self.size - 1
-        self.hashes = [0] * self.size
-        self.keys: list[str | None] = [None] * self.size
-        self.nnodes = 0
-        self.noccupied = 0
-
-    @staticmethod
-    def _hash(key: str) -> int:
-        value = 5381
-        for byte in _mod_utf8(key):
-            value = (value * 33 + (byte - 256 if byte > 127 else byte)) & 0xFFFFFFFF
-        return value if value >= 2 else 2
-
-    def _lookup(self, key: str) -> int:
-        hv = self._hash(key)
-        index = (hv * 11) % self.mod
-        step = 0
-        tombstone = -1
-        while self.hashes[index] != 0:
-            if self.hashes[index] == hv and self.keys[index] == key:
-                return index
-            if self.hashes[index] == 1 and tombstone < 0:
-                tombstone = index
-            step += 1
-            index = (index + step) & self.mask
-        return tombstone if tombstone >= 0 else index
-
-    def add(self, key: str) -> None:
-        index = self._lookup(key)
-        if self.hashes[index] >= 2:
-            return
-        unused = self.hashes[index] == 0
-        self.hashes[index] = self._hash(key)
-        self.keys[index] = key
-        self.nnodes += 1
-        if unused:
-            self.noccupied += 1
-            self._maybe_resize()
-
-    def discard(self, key: str) -> None:
-        index = self._lookup(key)
-        if self.hashes[index] < 2:
-            return
-        self.hashes[index] = 1
-        self.keys[index] = None
-        self.nnodes -= 1
-        self._maybe_resize()
-
-    def _maybe_resize(self) -> None:
-        if (self.size > self.nnodes * 4 and self.size > 8) or (
-            self.size <= self.noccupied + self.noccupied // 16
-        ):
-            live = [k for k, h in zip(self.keys, self.hashes, strict=True) if h >= 2 and k is not None]
-            self._set_shift(max(int(len(live) * 1.333).bit_length(), 3))
-            for key in live:
-                index = self._lookup(key)
-                self.hashes[index] = self._hash(key)
-                self.keys[index] = key
-                self.nnodes += 1
-                self.noccupied += 1
-
-    def first(self) -> str | None:
-        for key, hv in zip(self.keys, self.hashes, strict=True):
-            if hv >= 2:
-                return key
-        return None
-
-
-# Argument kinds of the QAPI schema subset the fake implements.
-_INT: Final = "int"
-_STR: Final = "str"
-_BOOL: Final = "bool"
-_STR_LIST: Final = "[str]"
-
-_Param = tuple[str, str, bool]  # name, kind, optional
-
-
-def _check_arguments(arguments: Mapping[str, Any], params: Sequence[_Param]) -> dict[str, Any]:
-    """Visit ``arguments`` like the QAPI input visitor; return the present ones.
-
-    Raises:
-        FakeAgentError: the visitor's error for the first bad member, or the first unexpected
-            one in GLib hash table order.
-    """
-    leftover = _GHashSet()
-    for key in _qdict_order(list(arguments)):
-        leftover.add(key)
-    result: dict[str, Any] = {}
-    for name, kind, optional in params:
-        if name not in arguments:
-            if optional:
-                continue
-            raise FakeAgentError(f"Parameter '{name}' is missing")
-        leftover.discard(name)
-        value = arguments[name]
-        if kind == _INT:
-            if not _is_int64(value):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: integer")
-        elif kind == _STR:
-            if not isinstance(value, str):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: string")
-        elif kind == _BOOL:
-            if not isinstance(value, bool):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: boolean")
-        elif kind == _STR_LIST:
-            if not isinstance(value, list):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: array")
-            for i, item in enumerate(value):
-                if not isinstance(item, str):
-                    raise FakeAgentError(
-                        f"Invalid parameter type for '{name}[{i}]', expected: string"
-                    )
-        result[name] = value
-    unexpected = leftover.first()
-    if unexpected is not None:
-        raise FakeAgentError(f"Parameter '{unexpected}' is unexpected")
-    return result
-
-
-def _is_int64(value: Any) -> bool:
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and -(1 << 63) <= value < (1 << 63)
-    )
-
-
-# =================================================================================================
 # Public data types
 # =================================================================================================
-
-
-class FakeAgentError(Exception):
-    """Raised by a command handler (see :meth:`FakeAgent.set_handler`) to answer with an error.
-
-    Attributes:
-        desc: the error description.
-        error_class: the QAPI error class (``"GenericError"`` or ``"CommandNotFound"``).
-    """
-
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
-        super().__init__(f"{error_class}: {desc}")
-        self.desc = desc
-        self.error_class = error_class
 
 
 class AgentFaultKind(str, enum.Enum):
@@ -1328,7 +524,7 @@ _DEFAULT_OSINFO: Final[Mapping[str, Any]] = {
 class _Command:
     name: str
     success_response: bool
-    params: tuple[_Param, ...] | None  # None: the handler checks its own arguments
+    params: tuple[Param, ...] | None  # None: the handler checks its own arguments
     run: Callable[[dict[str, Any]], Any] | None  # None: not implemented
 
 
@@ -1945,7 +1141,7 @@ class FakeAgent:
                 raise FakeAgentError("this feature or command is not currently supported")
             arguments = message.arguments
             if command.params is not None:
-                arguments = _check_arguments(arguments, command.params)
+                arguments = check_arguments(arguments, command.params)
             result = command.run(arguments)
             if inspect.isawaitable(result):
                 result = await result
@@ -1963,9 +1159,9 @@ class FakeAgent:
         return reply
 
     def _install_builtins(self) -> None:
-        builtins: dict[str, tuple[tuple[_Param, ...], Callable[[dict[str, Any]], Any]]] = {
-            "guest-sync-delimited": ((("id", _INT, False),), self._cmd_sync_delimited),
-            "guest-sync": ((("id", _INT, False),), lambda a: a["id"]),
+        builtins: dict[str, tuple[tuple[Param, ...], Callable[[dict[str, Any]], Any]]] = {
+            "guest-sync-delimited": ((("id", INT, False),), self._cmd_sync_delimited),
+            "guest-sync": ((("id", INT, False),), lambda a: a["id"]),
             "guest-ping": ((), lambda a: None),
             "guest-info": ((), self._cmd_info),
             "guest-get-time": ((), lambda a: time.time_ns() // 1000 * 1000),
@@ -1975,7 +1171,7 @@ class FakeAgent:
             ),
             "guest-fsfreeze-freeze": ((), lambda a: self._freeze(None)),
             "guest-fsfreeze-freeze-list": (
-                (("mountpoints", _STR_LIST, True),),
+                (("mountpoints", STR_LIST, True),),
                 lambda a: self._freeze(a.get("mountpoints")),
             ),
             "guest-fsfreeze-thaw": ((), lambda a: self._thaw()),
@@ -1984,34 +1180,34 @@ class FakeAgent:
             "guest-get-host-name": ((), lambda a: {"host-name": self.host_name}),
             "guest-get-timezone": ((), lambda a: {"zone": "UTC", "offset": 0}),
             "guest-get-users": ((), lambda a: []),
-            "guest-shutdown": ((("mode", _STR, True),), self._cmd_shutdown),
+            "guest-shutdown": ((("mode", STR, True),), self._cmd_shutdown),
             "guest-suspend-disk": ((), lambda a: self._cmd_suspend("disk")),
             "guest-suspend-ram": ((), lambda a: self._cmd_suspend("ram")),
             "guest-suspend-hybrid": ((), lambda a: self._cmd_suspend("hybrid")),
             "guest-exec": (
                 (
-                    ("path", _STR, False),
-                    ("arg", _STR_LIST, True),
-                    ("env", _STR_LIST, True),
-                    ("input-data", _STR, True),
-                    ("capture-output", _BOOL, True),
+                    ("path", STR, False),
+                    ("arg", STR_LIST, True),
+                    ("env", STR_LIST, True),
+                    ("input-data", STR, True),
+                    ("capture-output", BOOL, True),
                 ),
                 self._cmd_exec,
             ),
-            "guest-exec-status": ((("pid", _INT, False),), self._cmd_exec_status),
+            "guest-exec-status": ((("pid", INT, False),), self._cmd_exec_status),
             "guest-file-open": (
-                (("path", _STR, False), ("mode", _STR, True)),
+                (("path", STR, False), ("mode", STR, True)),
                 self._cmd_file_open,
             ),
             "guest-file-read": (
-                (("handle", _INT, False), ("count", _INT, True)),
+                (("handle", INT, False), ("count", INT, True)),
                 self._cmd_file_read,
             ),
             "guest-file-write": (
-                (("handle", _INT, False), ("buf-b64", _STR, False), ("count", _INT, True)),
+                (("handle", INT, False), ("buf-b64", STR, False), ("count", INT, True)),
                 self._cmd_file_write,
             ),
-            "guest-file-close": ((("handle", _INT, False),), self._cmd_file_close),
+            "guest-file-close": ((("handle", INT, False),), self._cmd_file_close),
         }
         for name, success in self.profile.commands:
             spec = builtins.get(name)
@@ -2443,7 +1639,7 @@ class FakeAgent:
         if not isinstance(value, dict):
             return "QMP input must be a JSON object"
         has_execute = False
-        for key in _qdict_order(list(value)):
+        for key in qdict_order(list(value)):
             member = value[key]
             if key == "execute":
                 if not isinstance(member, str):

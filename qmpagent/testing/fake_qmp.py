@@ -65,12 +65,10 @@ beyond the common ones, and the ``BlockBackend`` permissions of devices.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import copy
 import enum
 import inspect
-import json
 import logging
 import os
 import random
@@ -86,7 +84,8 @@ from types import TracebackType
 from typing import Any, Final
 
 from ..monitor import AGENT_PORT_NAME
-from .fake_agent import qemu_json
+from ._json_reader import QEMUJSONStreamParser
+from ._json_writer import qemu_json
 
 __all__ = [
     "FakeBlockDevice",
@@ -106,9 +105,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_JSON_WS: Final = " \t\r\n"
-
 
 class FakeQMPError(Exception):
     """Raised by a handler to answer with a QMP error.
@@ -645,17 +641,18 @@ class FakeQMPConnection:
         self._spawn(self._run_inband())
         try:
             await self.send(self.server.greeting())
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            buffer = ""
+            # QEMU's own reader: values need no separator, errors are answered without an id
+            # and the reader recovers as QEMU's does; one message is bounded by _MAX_BUFFER.
+            parser = QEMUJSONStreamParser(max_message_size=self._MAX_BUFFER)
             while not self.closed:
                 data = await self._reader.read(65536)
                 if not data:
                     break
-                buffer += decoder.decode(data)
-                buffer = await self._parse(buffer)
-                if len(buffer) > self._MAX_BUFFER:
-                    await self._send_error(None, "GenericError", "JSON token too large")
-                    break
+                for event in parser.feed(data):
+                    if event.error is not None:
+                        await self._send_error(None, "GenericError", event.error)
+                    else:
+                        await self._dispatch(event.value)
         except (ConnectionError, OSError) as exc:
             log.debug("fake QMP connection %d: %r", self.number, exc)
         finally:
@@ -666,27 +663,6 @@ class FakeQMPConnection:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-
-    async def _parse(self, buffer: str) -> str:
-        """Take every complete JSON value off the front of ``buffer``; return the rest."""
-        decoder = self.server._decoder
-        while True:
-            start = 0
-            while start < len(buffer) and buffer[start] in _JSON_WS:
-                start += 1
-            buffer = buffer[start:]
-            if not buffer:
-                return buffer
-            try:
-                value, end = decoder.raw_decode(buffer)
-            except json.JSONDecodeError as exc:
-                if _maybe_incomplete(buffer):
-                    return buffer  # wait for the rest
-                # QEMU answers a parse error (without an id) and resets its parser.
-                await self._send_error(None, "GenericError", f"JSON parse error, {exc.msg}")
-                return ""
-            buffer = buffer[end:]
-            await self._dispatch(value)
 
     async def _dispatch(self, msg: Any) -> None:
         if not isinstance(msg, dict):
@@ -785,29 +761,6 @@ def _error_reply(msg_id: Any, error_class: str, desc: str) -> dict[str, Any]:
     if msg_id is not None:
         reply["id"] = msg_id
     return reply
-
-
-def _maybe_incomplete(text: str) -> bool:
-    """Whether ``text`` may be the start of a JSON value (brackets or a string still open)."""
-    depth = 0
-    in_string = escape = False
-    for ch in text:
-        if in_string:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth < 0:
-                return False
-    return in_string or depth > 0
 
 
 @dataclass
@@ -909,7 +862,6 @@ class FakeQMPServer:
         self._tcp = tcp
         self._tmpdir: Path | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._decoder = json.JSONDecoder()
         self._serve_tasks: set[asyncio.Task[None]] = set()
         self._command_waiters: list[tuple[str, int, asyncio.Future[ReceivedCommand]]] = []
         self._graph = _Graph()
