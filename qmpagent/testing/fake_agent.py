@@ -91,19 +91,17 @@ import inspect
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
 from ._agent_qapi import BOOL, INT, STR, STR_LIST, FakeAgentError, Param, check_arguments
 from ._json_reader import QEMUJSONEvent, QEMUJSONStreamParser
 from ._json_writer import qdict_order, qemu_json
+from ._server import SocketListener
 
 __all__ = [
     "AgentFault",
@@ -626,9 +624,10 @@ class FakeAgent:
     ) -> None:
         if max_input < _READ_CHUNK:
             raise ValueError(f"max_input must be at least {_READ_CHUNK}")
-        self._path_arg = Path(path) if path is not None and host is None else None
-        self._host = host
-        self._port = port
+        self._listener = SocketListener(
+            self._on_client, path=path, host=host, port=port, socket_name="qga.sock",
+            tmp_prefix="qmpagent-fake-agent-", limit=_READ_CHUNK,
+        )
         self._mounts = list(dict.fromkeys(mountpoints))
         #: The guest's files for ``guest-file-*``: path -> content. Change it freely.
         self.files: dict[str, bytes] = dict(files or {})
@@ -698,13 +697,8 @@ class FakeAgent:
         self._total_calls = 0
 
         # Server
-        self._server: asyncio.AbstractServer | None = None
-        self._tmpdir: Path | None = None
-        self._socket_path: Path | None = None
-        self._address: str | tuple[str, int] | None = None
         self._client_lock = asyncio.Lock()
         self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._agent_task: asyncio.Task[None] | None = None
         self._callback_task: asyncio.Task[None] | None = None
         self._started = False
@@ -712,7 +706,7 @@ class FakeAgent:
 
     def __repr__(self) -> str:
         return (
-            f"<FakeAgent {self._address!r} port_open={self._port_open} "
+            f"<FakeAgent {self._listener.address!r} port_open={self._port_open} "
             f"frozen={self._agent_frozen} calls={self._total_calls}>"
         )
 
@@ -729,27 +723,12 @@ class FakeAgent:
             raise RuntimeError("FakeAgent.start() may be called once")
         self._started = True
         try:
-            if self._host is not None:
-                self._server = await asyncio.start_server(
-                    self._on_client, self._host, self._port, limit=_READ_CHUNK
-                )
-                sockname = self._server.sockets[0].getsockname()
-                self._address = (str(sockname[0]), int(sockname[1]))
-            else:
-                if self._path_arg is None:
-                    self._tmpdir = Path(tempfile.mkdtemp(prefix="qmpagent-fake-agent-"))
-                    self._socket_path = self._tmpdir / "qga.sock"
-                else:
-                    self._socket_path = self._path_arg
-                self._server = await asyncio.start_unix_server(
-                    self._on_client, path=str(self._socket_path), limit=_READ_CHUNK
-                )
-                self._address = str(self._socket_path)
+            await self._listener.start()
         except BaseException:
             await self.close()
             raise
         self._agent_task = asyncio.create_task(self._agent_loop(), name="fake-qemu-ga")
-        log.debug("fake agent listening on %s", self._address)
+        log.debug("fake agent listening on %s", self._listener.address)
 
     async def close(self) -> None:
         """Stop: drop the client, stop the agent, remove the socket (and its temporary directory).
@@ -759,8 +738,7 @@ class FakeAgent:
         if self._closed:
             return
         self._closed = True
-        if self._server is not None:
-            self._server.close()
+        self._listener.stop_listening()
         own = [t for t in (self._agent_task, self._callback_task) if t is not None]
         for task in own:
             task.cancel()
@@ -770,18 +748,7 @@ class FakeAgent:
         if self._conn is not None:
             self._close_connection(self._conn)
         self._notify()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=5.0)
-            for task in pending:  # pragma: no cover - defensive
-                task.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5.0)
-        if self._server is not None and self._socket_path is not None and self._tmpdir is None:
-            with contextlib.suppress(FileNotFoundError):
-                self._socket_path.unlink()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        await self._listener.close(timeout=5.0)
 
     async def __aenter__(self) -> FakeAgent:
         await self.start()
@@ -804,14 +771,16 @@ class FakeAgent:
         Raises:
             RuntimeError: not started.
         """
-        if self._address is None:
+        address = self._listener.address
+        if address is None:
             raise RuntimeError("the FakeAgent is not started")
-        return self._address
+        return address
 
     @property
     def path(self) -> str | None:
         """The unix socket path (``None`` for TCP or before :meth:`start`)."""
-        return str(self._socket_path) if self._socket_path is not None else None
+        path = self._listener.socket_path
+        return str(path) if path is not None else None
 
     @property
     def port_open(self) -> bool:
@@ -1569,9 +1538,6 @@ class FakeAgent:
         self._notify()
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
         conn: _Connection | None = None
         try:
             # One client at a time: the next one waits, unserved, as with QEMU's chardev.
@@ -1609,7 +1575,6 @@ class FakeAgent:
                 self._close_connection(conn)
             else:
                 writer.close()
-            self._tasks.discard(task)
 
     async def _agent_loop(self) -> None:
         while True:
