@@ -86,7 +86,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import enum
 import inspect
 import logging
 import os
@@ -99,6 +98,9 @@ from types import TracebackType
 from typing import Any, Final
 
 from ._agent_qapi import BOOL, INT, STR, STR_LIST, FakeAgentError, Param, check_arguments
+from ._faults import AGENT_KINDS, AgentFault, Fault, FaultTable
+from ._faults import FaultKind as AgentFaultKind
+from ._faults import Injection as AgentInjection
 from ._json_reader import QEMUJSONEvent, QEMUJSONStreamParser
 from ._json_writer import qdict_order, qemu_json
 from ._server import SocketListener
@@ -131,29 +133,6 @@ DEBIAN13_VERSION: Final = "10.0.13"
 # =================================================================================================
 
 
-class AgentFaultKind(str, enum.Enum):
-    """What an :class:`AgentFault` does to the command it hits."""
-
-    DELAY = "delay"
-    """Answer after ``seconds`` (the agent does nothing else meanwhile, like the real one)."""
-    NO_REPLY = "no-reply"
-    """Send no reply; the command takes effect if ``apply``."""
-    DISCONNECT = "disconnect"
-    """Close the client connection instead of (or in the middle of) the reply."""
-    GARBAGE = "garbage"
-    """Send ``data`` instead of the reply."""
-    OVERSIZED = "oversized"
-    """Send ``size`` bytes instead of the reply: no newline, or (``line``) one huge JSON line."""
-    REPLY = "reply"
-    """Answer ``{"return": value}`` (e.g. a value of the wrong type) instead of the real reply."""
-    ERROR = "error"
-    """Answer with the error ``error_class``/``desc`` instead of the real reply."""
-    HANG = "hang"
-    """Stop answering anything until :meth:`FakeAgent.release` (then carry on, this one first)."""
-    CUSTOM = "custom"
-    """Let ``handler`` decide what is sent."""
-
-
 #: A custom fault's handler: takes the message and the agent; returns the bytes to send, a
 #: mapping to send as a JSON reply (formatted like QEMU), or None to send nothing, or an
 #: awaitable of one of these. ``await agent.execute(message)`` runs the real command.
@@ -163,146 +142,6 @@ FaultHandler = Callable[["AgentMessage", "FakeAgent"], Any]
 #: returns the ``return`` value (``None`` for ``{}``) or an awaitable of it; raises
 #: :class:`FakeAgentError` to answer with an error.
 CommandHandler = Callable[[dict[str, Any]], Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AgentFault:
-    """A fault to inject into a command with :meth:`FakeAgent.inject`.
-
-    Make one with the class methods (:meth:`delay`, :meth:`no_reply`, :meth:`disconnect`,
-    :meth:`garbage`, :meth:`oversized`, :meth:`reply`, :meth:`error`, :meth:`hang`,
-    :meth:`custom`) rather than directly.
-
-    Attributes:
-        kind: what the fault does.
-        apply: whether the command still takes effect (e.g. the filesystems do get frozen when
-            a ``guest-fsfreeze-freeze`` reply is lost). Not used by ``DELAY`` and ``CUSTOM``.
-        seconds: the delay, for ``DELAY``.
-        effect_first: for ``DELAY``: the command takes effect at once and only the reply is
-            delayed (default: the command runs after the delay).
-        after_bytes: for ``DISCONNECT``: send this many bytes of the reply first.
-        data: the bytes sent, for ``GARBAGE``.
-        size: the number of bytes sent, for ``OVERSIZED``.
-        line: for ``OVERSIZED``: send one valid JSON line of ``size`` bytes (newline included)
-            instead of ``size`` bytes of an unterminated reply.
-        value: the ``return`` value sent, for ``REPLY``.
-        error_class: the error class sent, for ``ERROR``.
-        desc: the error description sent, for ``ERROR``.
-        handler: the handler, for ``CUSTOM``.
-    """
-
-    kind: AgentFaultKind
-    apply: bool = True
-    seconds: float = 0.0
-    effect_first: bool = False
-    after_bytes: int | None = None
-    data: bytes = b""
-    size: int = 0
-    line: bool = False
-    value: Any = None
-    error_class: str = "GenericError"
-    desc: str = ""
-    handler: FaultHandler | None = None
-
-    @classmethod
-    def delay(cls, seconds: float, *, effect_first: bool = False) -> AgentFault:
-        """Answer after ``seconds``; with ``effect_first`` the command takes effect at once."""
-        if seconds < 0:
-            raise ValueError("seconds must be >= 0")
-        return cls(AgentFaultKind.DELAY, seconds=seconds, effect_first=effect_first)
-
-    @classmethod
-    def no_reply(cls, *, apply: bool = True) -> AgentFault:
-        """Never answer this command; it takes effect if ``apply`` (the reply is lost)."""
-        return cls(AgentFaultKind.NO_REPLY, apply=apply)
-
-    @classmethod
-    def disconnect(cls, *, apply: bool = True, after_bytes: int | None = None) -> AgentFault:
-        """Drop the client connection instead of answering, or after ``after_bytes`` of the reply.
-
-        The agent itself stays up (like QEMU's chardev losing its client): the command takes
-        effect if ``apply``, and requests the agent already received are still processed, their
-        replies kept for the next client like any reply nobody read.
-        """
-        if after_bytes is not None and after_bytes < 0:
-            raise ValueError("after_bytes must be >= 0")
-        return cls(AgentFaultKind.DISCONNECT, apply=apply, after_bytes=after_bytes)
-
-    @classmethod
-    def garbage(
-        cls, data: bytes = b'\x00\x01garbage}{"ret\n', *, apply: bool = True
-    ) -> AgentFault:
-        """Send ``data`` instead of the reply."""
-        return cls(AgentFaultKind.GARBAGE, apply=apply, data=bytes(data))
-
-    @classmethod
-    def oversized(
-        cls, size: int = 2 << 20, *, line: bool = False, apply: bool = True
-    ) -> AgentFault:
-        """Send ``size`` bytes instead of the reply.
-
-        By default an unterminated reply (``{"return": "AAAA...``, no newline); with ``line``
-        one complete JSON line of exactly ``size`` bytes (``{"return": "AAAA..."}\\n``).
-        """
-        if size < 0:
-            raise ValueError("size must be >= 0")
-        return cls(AgentFaultKind.OVERSIZED, apply=apply, size=size, line=line)
-
-    @classmethod
-    def reply(cls, value: Any, *, apply: bool = True) -> AgentFault:
-        """Answer ``{"return": value}`` (``id`` echoed) instead of the real result."""
-        return cls(AgentFaultKind.REPLY, apply=apply, value=value)
-
-    @classmethod
-    def error(
-        cls,
-        desc: str = "injected fault",
-        error_class: str = "GenericError",
-        *,
-        apply: bool = False,
-    ) -> AgentFault:
-        """Answer with an error (``id`` echoed); by default the command does not take effect."""
-        return cls(AgentFaultKind.ERROR, apply=apply, error_class=error_class, desc=desc)
-
-    @classmethod
-    def hang(cls, *, apply: bool = False) -> AgentFault:
-        """Hang the agent at this command: nothing is answered until :meth:`FakeAgent.release`.
-
-        Then this command runs (unless it already did, with ``apply``) and is answered, and the
-        agent carries on with what queued up meanwhile.
-        """
-        return cls(AgentFaultKind.HANG, apply=apply)
-
-    @classmethod
-    def custom(cls, handler: FaultHandler) -> AgentFault:
-        """Let ``handler(message, agent)`` decide what is sent (see :data:`FaultHandler`)."""
-        return cls(AgentFaultKind.CUSTOM, handler=handler)
-
-
-@dataclass(eq=False)
-class AgentInjection:
-    """A fault injected with :meth:`FakeAgent.inject`; a handle to inspect or cancel it.
-
-    Attributes:
-        command: the command it applies to (``"*"``: any command).
-        fault: the fault.
-        call: the one call number it applies to (1-based; for ``"*"``, counted over all
-            commands), or ``None``.
-        remaining: how many more matching calls it applies to (``None``: all of them).
-        fired: how many times it has applied.
-        active: whether it can still apply.
-    """
-
-    command: str
-    fault: AgentFault
-    call: int | None = None
-    remaining: int | None = 1
-    fired: int = 0
-    active: bool = True
-
-    def cancel(self) -> None:
-        """Stop this injection from applying again."""
-        self.active = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +174,7 @@ class AgentMessage:
     connection: int | None
     message: Any
     error: str | None = None
-    fault: AgentFault | None = None
+    fault: Fault | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,7 +522,7 @@ class FakeAgent:
         self._stash = bytearray()  # replies waiting for the next client
         self._conn: _Connection | None = None
         self._connection_count = 0
-        self._injections: list[AgentInjection] = []
+        self._faults = FaultTable(AGENT_KINDS)
         self._release_epoch = 0
         self._hung = False
         self._busy = False
@@ -1378,7 +1217,7 @@ class FakeAgent:
     def inject(
         self,
         command: str,
-        fault: AgentFault,
+        fault: Fault,
         *,
         call: int | None = None,
         times: int | None = 1,
@@ -1396,22 +1235,14 @@ class FakeAgent:
         The first active injection that matches a call applies; each call gets at most one.
 
         Raises:
-            ValueError: ``call`` or ``times`` below 1.
+            ValueError: ``call`` or ``times`` below 1, or a fault kind the agent does not
+                model (the QMP-only job kinds).
         """
-        if call is not None and call < 1:
-            raise ValueError("call must be >= 1")
-        if times is not None and times < 1:
-            raise ValueError("times must be >= 1 or None")
-        injection = AgentInjection(command, fault, call, None if call is not None else times)
-        self._injections.append(injection)
-        return injection
+        return self._faults.add(command, fault, call=call, times=times)
 
     def clear_faults(self, command: str | None = None) -> None:
         """Remove the injected faults (of ``command`` only, if given) and :meth:`release` a hang."""
-        for injection in self._injections:
-            if command is None or injection.command == command:
-                injection.active = False
-        self._injections = [i for i in self._injections if i.active]
+        self._faults.clear(command)
         self.release()
 
     def release(self) -> None:
@@ -1422,25 +1253,7 @@ class FakeAgent:
     @property
     def injections(self) -> list[AgentInjection]:
         """The injections that can still apply."""
-        return [i for i in self._injections if i.active]
-
-    def _take_injection(self, command: str, call: int, total: int) -> AgentInjection | None:
-        for injection in self._injections:
-            if not injection.active or injection.command not in (command, "*"):
-                continue
-            number = total if injection.command == "*" else call
-            if injection.call is not None and injection.call != number:
-                continue
-            injection.fired += 1
-            if injection.call is not None:
-                injection.active = False
-            elif injection.remaining is not None:
-                injection.remaining -= 1
-                if injection.remaining <= 0:
-                    injection.active = False
-            self._injections = [i for i in self._injections if i.active]
-            return injection
-        return None
+        return self._faults.active
 
     # ---------------------------------------------------------------------------- machinery
 
@@ -1642,7 +1455,7 @@ class FakeAgent:
         if command in self._call_counts or len(self._call_counts) < _MAX_COUNTED_NAMES:
             self._call_counts[command] += 1
         self._total_calls += 1
-        injection = self._take_injection(command, self._call_counts[command], self._total_calls)
+        injection = self._faults.take(command, self._call_counts[command], self._total_calls)
         fault = injection.fault if injection is not None else None
         message = AgentMessage(
             command, arguments, msg_id, has_id, now, event.after_sync_byte,
@@ -1670,7 +1483,7 @@ class FakeAgent:
         if self._conn is not None:
             self._close_connection(self._conn)  # QEMU exits
 
-    async def _run_fault(self, fault: AgentFault, message: AgentMessage, generation: int) -> None:
+    async def _run_fault(self, fault: Fault, message: AgentMessage, generation: int) -> None:
         kind = fault.kind
         answer: dict[str, Any] | None = None
         if kind is AgentFaultKind.DELAY:

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import inspect
 import logging
 import os
@@ -78,6 +77,7 @@ from typing import Any, Final
 
 from ..monitor import AGENT_PORT_NAME
 from ._block_graph import BlockLayer, FakeBlockDevice, FakeBlockNode
+from ._faults import QMP_KINDS, Fault, FaultKind, FaultTable, Injection
 from ._json_reader import QEMUJSONStreamParser
 from ._json_writer import qemu_json
 from ._qcow2 import Qcow2Header, create_qcow2_image, read_qcow2_header
@@ -95,6 +95,7 @@ __all__ = [
     "FakeQOMObject",
     "Fault",
     "FaultKind",
+    "Injection",
     "Qcow2Header",
     "ReceivedCommand",
     "create_qcow2_image",
@@ -102,6 +103,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_MAX_COUNTED_NAMES: Final = 4096  # distinct command names whose calls are numbered
 
 @dataclass(frozen=True)
 class ReceivedCommand:
@@ -122,47 +125,6 @@ class ReceivedCommand:
     oob: bool
     connection: int
     time: float
-
-
-class FaultKind(str, enum.Enum):
-    """What a :class:`Fault` does to a command."""
-
-    DELAY = "delay"
-    """Answer normally, after a delay (the command takes effect after it too)."""
-    NEVER_ANSWER = "never-answer"
-    """Record the command, never answer it (it takes effect only with ``apply``)."""
-    DISCONNECT = "disconnect"
-    """Close the connection when the command arrives (the client is left mid-command); with
-    ``apply`` the command takes effect first and only its reply is lost."""
-    ERROR = "error"
-    """Answer with the error ``error_class``/``desc``; the command does not take effect."""
-    JOB_ERROR = "job-error"
-    """For a job command: start the job, and let it conclude with the error ``desc`` (without
-    the job's effect)."""
-    JOB_DELAY = "job-delay"
-    """For a job command: the job runs ``seconds`` longer before it concludes."""
-
-
-@dataclass
-class Fault:
-    """A fault injected into a command (see :meth:`FakeQMPServer.add_fault`).
-
-    Attributes:
-        kind: what the fault does.
-        seconds: the delay, for :attr:`FaultKind.DELAY` and :attr:`FaultKind.JOB_DELAY`.
-        times: how many more commands it applies to; ``None``: all of them.
-        apply: for :attr:`FaultKind.NEVER_ANSWER` and :attr:`FaultKind.DISCONNECT`: the
-            command takes effect before its reply is lost.
-        error_class: the error class, for :attr:`FaultKind.ERROR`.
-        desc: the error text, for :attr:`FaultKind.ERROR` and :attr:`FaultKind.JOB_ERROR`.
-    """
-
-    kind: FaultKind
-    seconds: float = 0.0
-    times: int | None = None
-    apply: bool = False
-    error_class: str = "GenericError"
-    desc: str = "injected fault"
 
 
 @dataclass
@@ -525,7 +487,8 @@ class FakeQMPServer:
         address: where clients connect (a path str, or ``(host, port)``).
         handlers: command name -> :data:`Handler`; add, replace or delete entries freely.
         received: every command received, in order (a :class:`ReceivedCommand` each).
-        faults: command name -> list of :class:`Fault` (first applicable one is used).
+        faults: command name -> its injected :class:`Fault` s, first applicable first (a view
+            of :attr:`injections`).
         connections: every connection accepted so far (closed ones too).
         status: the run state ``query-status`` reports (``"running"``, ``"paused"``, ...).
         chardevs: chardev label -> ``{"filename": ..., "frontend-open": ...}``.
@@ -572,7 +535,9 @@ class FakeQMPServer:
         self.address: str | tuple[str, int] = ""
         self.handlers: dict[str, Handler] = {}
         self.received: list[ReceivedCommand] = []
-        self.faults: dict[str, list[Fault]] = {}
+        self._faults = FaultTable(QMP_KINDS)
+        self._fault_calls: dict[str, int] = {}  # command -> calls that looked for a fault
+        self._fault_total = 0
         self.connections: list[FakeQMPConnection] = []
         self.status = "running"
         self.chardevs: dict[str, dict[str, Any]] = {
@@ -700,6 +665,11 @@ class FakeQMPServer:
         """The commands received so far, optionally only those named ``name``. Raises nothing."""
         return [c for c in self.received if name is None or c.command == name]
 
+    def calls(self, name: str | None = None) -> list[ReceivedCommand]:
+        """:meth:`commands` under the name the fake agent uses (``FakeAgent.calls``), so a
+        test reads both records alike. Raises nothing."""
+        return self.commands(name)
+
     def _record(self, record: ReceivedCommand) -> None:
         self.received.append(record)
         if self._command_waiters:
@@ -737,8 +707,35 @@ class FakeQMPServer:
 
         Raises nothing.
         """
-        self.faults.setdefault(command, []).append(fault)
+        self._faults.add(command, fault, times=fault.times)
         return fault
+
+    def inject(
+        self, command: str, fault: Fault, *, call: int | None = None, times: int | None = 1
+    ) -> Injection:
+        """Inject ``fault`` into ``command`` (``"*"``: any), like ``FakeAgent.inject``: only
+        its call number ``call`` (1-based, counted since the server started; for ``"*"`` over
+        all commands), or else its next ``times`` calls (``None``: all of them).
+
+        Raises:
+            ValueError: ``call`` or ``times`` below 1, or a kind QMP does not model (the
+                agent-only ones, e.g. ``GARBAGE``).
+        """
+        return self._faults.add(command, fault, call=call, times=times)
+
+    @property
+    def injections(self) -> list[Injection]:
+        """The injections that can still apply, oldest first. Raises nothing."""
+        return self._faults.active
+
+    @property
+    def faults(self) -> dict[str, list[Fault]]:
+        """Command name -> the faults that can still apply to it, first applicable first
+        (a view of :attr:`injections`). Raises nothing."""
+        view: dict[str, list[Fault]] = {}
+        for injection in self._faults.active:
+            view.setdefault(injection.command, []).append(injection.fault)
+        return view
 
     def delay(self, command: str, seconds: float, *, times: int | None = None) -> Fault:
         """Answer ``command`` only after ``seconds`` (in-band commands after it wait too); the
@@ -790,21 +787,16 @@ class FakeQMPServer:
 
     def clear_faults(self, command: str | None = None) -> None:
         """Remove the faults of ``command``, or all faults. Raises nothing."""
-        if command is None:
-            self.faults.clear()
-        else:
-            self.faults.pop(command, None)
+        self._faults.clear(command)
 
     def _take_fault(self, command: str) -> Fault | None:
-        faults = self.faults.get(command)
-        if not faults:
-            return None
-        fault = faults[0]
-        if fault.times is not None:
-            fault.times -= 1
-            if fault.times <= 0:
-                faults.pop(0)
-        return fault
+        # Numbered for a bounded set of names (a client may send any): the rest are call 0.
+        if command in self._fault_calls or len(self._fault_calls) < _MAX_COUNTED_NAMES:
+            self._fault_calls[command] = self._fault_calls.get(command, 0) + 1
+        self._fault_total += 1
+        call = self._fault_calls.get(command, 0)
+        injection = self._faults.take(command, call, self._fault_total)
+        return injection.fault if injection is not None else None
 
     # events and disconnection -----------------------------------------------------------------
 
