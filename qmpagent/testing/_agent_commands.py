@@ -96,23 +96,9 @@ class CommandTable:
                     del self._disabled[name]
 
     def set_handler(
-        self,
-        command: str,
-        handler: CommandHandler,
-        *,
-        success_response: bool = True,
+        self, command: str, handler: CommandHandler, *, success_response: bool = True
     ) -> None:
-        """Add a command, or replace a command's implementation.
-
-        The handler gets the ``arguments`` object (unchecked) and returns the ``return`` value
-        or an awaitable of it, or raises :class:`FakeAgentError`. A new command is listed first
-        in ``guest-info`` and is disabled while frozen like the others.
-
-        Args:
-            command: the command name.
-            handler: see :data:`CommandHandler`.
-            success_response: ``False`` for a command that sends no reply when it succeeds.
-        """
+        """Add or replace a command (see ``FakeAgent.set_handler``); a new one is listed first."""
         if command not in self._commands:
             self._order.insert(0, command)
             if self._frozen and command not in FREEZE_ALLOWLIST:

@@ -179,12 +179,7 @@ class GuestModel:
         self.suspended = mode
 
     def set_frozen(self, frozen: bool = True) -> None:
-        """Put the guest in the state of being frozen through the agent by someone else.
-
-        ``True``: every filesystem not frozen yet is frozen by the agent and the agent is in
-        frozen state (``guest-fsfreeze-status`` says ``"frozen"``, most commands are disabled).
-        ``False``: the agent's freezes are thawed and the agent leaves frozen state.
-        """
+        """As if frozen (or thawed) through the agent by someone else (``FakeAgent.set_frozen``)."""
         if frozen:
             for mp in self.mounts:
                 self._owner.setdefault(mp, "agent")
@@ -195,37 +190,28 @@ class GuestModel:
             self._set_frozen_state(False)
 
     def freeze_foreign(self, mountpoint: str) -> None:
-        """Freeze ``mountpoint`` from inside the guest with another tool (``fsfreeze -f``).
-
-        The agent does not know: its status stays ``"thawed"``, its freeze skips this
-        filesystem (EBUSY, not counted) and its thaw thaws it too (and counts it).
-        No-op if the filesystem is frozen already.
+        """``fsfreeze -f`` in the guest: unknown to the agent (``FakeAgent.freeze_foreign``).
 
         Raises:
-            ValueError: not one of :attr:`mountpoints`.
+            ValueError: not a mountpoint.
         """
         self._check_mountpoint(mountpoint)
         self._owner.setdefault(mountpoint, "foreign")
 
     def thaw_foreign(self, mountpoint: str) -> None:
-        """Thaw ``mountpoint`` from inside the guest with another tool (``fsfreeze -u``).
-
-        Thaws it whoever froze it; the agent's frozen state does not change.
+        """``fsfreeze -u`` in the guest, whoever froze it (``FakeAgent.thaw_foreign``).
 
         Raises:
-            ValueError: not one of :attr:`mountpoints`.
+            ValueError: not a mountpoint.
         """
         self._check_mountpoint(mountpoint)
         self._owner.pop(mountpoint, None)
 
     def set_freeze_error(self, mountpoint: str, strerror: str | None = "Input/output error") -> None:
-        """Make freezing ``mountpoint`` fail (``None``: work again).
-
-        Like ``qemu-ga``, a freeze that hits it answers ``failed to freeze <mountpoint>:
-        <strerror>`` and thaws every filesystem, whoever froze it.
+        """Make freezing ``mountpoint`` fail with ``strerror`` (``None``: work again).
 
         Raises:
-            ValueError: not one of :attr:`mountpoints`.
+            ValueError: not a mountpoint.
         """
         self._check_mountpoint(mountpoint)
         if strerror is None:
@@ -238,6 +224,7 @@ class GuestModel:
             raise ValueError(f"{mountpoint!r} is not a mountpoint of this fake guest")
 
     def freeze(self, only: list[str] | None) -> int:
+        """``guest-fsfreeze-freeze`` (``only``: ``-list``): the filesystems it froze, counted."""
         self._set_frozen_state(True)
         count = 0
         try:
@@ -261,6 +248,7 @@ class GuestModel:
         return count
 
     def thaw(self) -> int:
+        """``guest-fsfreeze-thaw``: thaw every filesystem, whoever froze it; how many."""
         count = 0
         for mp in self.mounts:
             if self._owner.pop(mp, None) is not None:
@@ -270,6 +258,7 @@ class GuestModel:
         return count
 
     def fsinfo(self, arguments: dict[str, Any]) -> Any:
+        """The ``guest-get-fsinfo`` result, one entry per filesystem."""
         # 10.0 adds the size including the blocks reserved for root (5% of ext4's 50 MiB here).
         privileged = {"total-bytes-privileged": 57381888} if self.profile.fsinfo_privileged else {}
         return [
@@ -295,6 +284,7 @@ class GuestModel:
         ]
 
     def shutdown(self, arguments: dict[str, Any]) -> Any:
+        """``guest-shutdown``: check the mode; the agent acts on it after the command."""
         mode = arguments.get("mode", "powerdown")
         if mode not in ("powerdown", "halt", "reboot"):
             # sic: qemu-ga 7.2's message lacks the closing parenthesis
@@ -316,6 +306,7 @@ class GuestModel:
         return None
 
     def exec(self, arguments: dict[str, Any]) -> Any:
+        """``guest-exec``: start a scripted program; its pid."""
         path = arguments["path"]
         stdin = _b64decode(arguments["input-data"]) if "input-data" in arguments else b""
         program = self._find_program(path)
@@ -338,6 +329,7 @@ class GuestModel:
         return {"pid": pid}
 
     def exec_status(self, arguments: dict[str, Any]) -> Any:
+        """``guest-exec-status``: running, or how the program ended (reaped then)."""
         pid = arguments["pid"]
         process = self._processes.get(pid)
         if process is None:
@@ -361,6 +353,7 @@ class GuestModel:
         return status
 
     def file_open(self, arguments: dict[str, Any]) -> Any:
+        """``guest-file-open``: a new handle."""
         path = arguments["path"]
         mode = arguments.get("mode", "r")
         if mode not in _FILE_MODES:
@@ -393,6 +386,7 @@ class GuestModel:
         return open_file
 
     def file_read(self, arguments: dict[str, Any]) -> Any:
+        """``guest-file-read`` at the handle's position."""
         open_file = self._open_file(arguments["handle"])
         count = arguments.get("count", _FILE_READ_DEFAULT)
         if count < 0 or count > _FILE_READ_MAX:
@@ -411,6 +405,7 @@ class GuestModel:
         }
 
     def file_write(self, arguments: dict[str, Any]) -> Any:
+        """``guest-file-write`` at the handle's position (or the end, appending)."""
         open_file = self._open_file(arguments["handle"])
         data = _b64decode(arguments["buf-b64"])
         count = arguments.get("count", len(data))
@@ -430,6 +425,7 @@ class GuestModel:
         return {"count": count, "eof": False}
 
     def file_close(self, arguments: dict[str, Any]) -> Any:
+        """``guest-file-close``."""
         handle = arguments["handle"]
         self._open_file(handle)
         del self._handles[handle]

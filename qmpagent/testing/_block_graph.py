@@ -120,12 +120,14 @@ class BlockGraph:
         self.devices: dict[str, FakeBlockDevice] = {}
 
     def copy(self) -> BlockGraph:
+        """A copy to change (the nodes and devices copied, one level deep)."""
         clone = BlockGraph()
         clone.nodes = {k: copy.copy(v) for k, v in self.nodes.items()}
         clone.devices = {k: copy.copy(v) for k, v in self.devices.items()}
         return clone
 
     def lookup(self, name: str) -> FakeBlockNode:
+        """The node ``name``; raises :class:`FakeQMPError` as QEMU does if there is none."""
         node = self.nodes.get(name)
         if node is None:
             raise generic_error(f"Cannot find device='{name}' nor node-name='{name}'")
@@ -142,9 +144,11 @@ class BlockGraph:
         return found
 
     def has_device(self, name: str) -> bool:
+        """Whether a block device has ``name`` as its root."""
         return any(d.root == name for d in self.devices.values())
 
     def backing_parent(self, name: str) -> str | None:
+        """The node that has ``name`` as its backing node, if any."""
         for node in self.nodes.values():
             if node.backing == name:
                 return node.node_name
@@ -152,6 +156,7 @@ class BlockGraph:
 
 
 def strerror(exc: OSError) -> str:
+    """An ``OSError`` as QEMU words it (``strerror(errno)``)."""
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
@@ -349,6 +354,7 @@ class BlockLayer:
         return info
 
     def device_info(self, device: FakeBlockDevice) -> dict[str, Any]:
+        """The ``query-block`` entry of ``device``."""
         info: dict[str, Any] = {
             "device": "",
             "qdev": device.qdev,
@@ -383,6 +389,7 @@ class BlockLayer:
                 raise generic_error(f"Parameter '{prefix}{key}' is unexpected")
 
     def add(self, options: dict[str, Any], *, auto: bool = False) -> FakeBlockNode:
+        """Add a node as ``blockdev-add`` does (``auto``: QEMU names it); return it."""
         driver = options.get("driver")
         if driver is None:
             raise generic_error("Parameter 'driver' is missing")

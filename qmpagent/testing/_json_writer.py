@@ -44,6 +44,7 @@ def qdict_order(keys: Sequence[str]) -> list[str]:
 
 
 def valid_codepoint(cp: int) -> bool:
+    """Whether QEMU holds ``cp`` as a character (``is_valid_codepoint``)."""
     # util/unicode.c is_valid_codepoint()
     if cp > 0x10FFFF:
         return False

@@ -91,7 +91,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from ._agent_chardev import READ_CHUNK, Changes, Chardev
 from ._agent_commands import CommandHandler, CommandTable, builtin_commands
@@ -148,6 +148,34 @@ FaultHandler = Callable[["AgentMessage", "FakeAgent"], Any]
 ExecResult = FakeExecResult
 
 
+_T = TypeVar("_T")
+
+
+class _GuestAttribute(Generic[_T]):
+    """An attribute of :class:`FakeAgent` that its guest model keeps (read and set through
+    the agent, as when it was the agent's own)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> _GuestAttribute[_T]: ...
+    @overload
+    def __get__(self, obj: FakeAgent, owner: type) -> _T: ...
+    def __get__(self, obj: FakeAgent | None, owner: type) -> _T | _GuestAttribute[_T]:
+        if obj is None:
+            return self
+        value: _T = getattr(obj._guest, self._name)
+        return value
+
+    def __set__(self, obj: FakeAgent, value: _T) -> None:
+        setattr(obj._guest, self._name, value)
+
+
 class FakeAgent:
     """A fake ``qemu-ga`` 7.2 behind a fake virtio-serial chardev socket (see the module doc).
 
@@ -186,6 +214,19 @@ class FakeAgent:
     Raises:
         ValueError: ``max_input`` below 4096.
     """
+
+    # Attributes of the guest, kept by the guest model and read and set through the agent.
+    files: _GuestAttribute[dict[str, bytes]] = _GuestAttribute(
+        "The guest's files for ``guest-file-*``: path -> content. Change it freely."
+    )
+    osinfo: _GuestAttribute[dict[str, Any]] = _GuestAttribute("The ``guest-get-osinfo`` result.")
+    host_name: _GuestAttribute[str] = _GuestAttribute("The ``guest-get-host-name`` result.")
+    total_frozen: _GuestAttribute[int] = _GuestAttribute(
+        "Filesystems frozen by the agent's freeze commands, added up."
+    )
+    total_thawed: _GuestAttribute[int] = _GuestAttribute(
+        "Filesystems thawed by the agent's thaw command (and failed freezes), added up."
+    )
 
     def __init__(
         self,
@@ -333,51 +374,6 @@ class FakeAgent:
     def path(self) -> str | None:
         """The unix socket path (``None`` for TCP or before :meth:`start`)."""
         return self._chardev.socket_path
-
-    @property
-    def files(self) -> dict[str, bytes]:
-        """The guest's files for ``guest-file-*``: path -> content. Change it freely."""
-        return self._guest.files
-
-    @files.setter
-    def files(self, value: dict[str, bytes]) -> None:
-        self._guest.files = value
-
-    @property
-    def osinfo(self) -> dict[str, Any]:
-        """The ``guest-get-osinfo`` result."""
-        return self._guest.osinfo
-
-    @osinfo.setter
-    def osinfo(self, value: dict[str, Any]) -> None:
-        self._guest.osinfo = value
-
-    @property
-    def host_name(self) -> str:
-        """The ``guest-get-host-name`` result."""
-        return self._guest.host_name
-
-    @host_name.setter
-    def host_name(self, value: str) -> None:
-        self._guest.host_name = value
-
-    @property
-    def total_frozen(self) -> int:
-        """Filesystems frozen by the agent's freeze commands, added up."""
-        return self._guest.total_frozen
-
-    @total_frozen.setter
-    def total_frozen(self, value: int) -> None:
-        self._guest.total_frozen = value
-
-    @property
-    def total_thawed(self) -> int:
-        """Filesystems thawed by the agent's thaw command (and failed freezes), added up."""
-        return self._guest.total_thawed
-
-    @total_thawed.setter
-    def total_thawed(self, value: int) -> None:
-        self._guest.total_thawed = value
 
     @property
     def port_open(self) -> bool:

@@ -81,7 +81,10 @@ from ._faults import QMP_KINDS, Fault, FaultKind, FaultTable, Injection
 from ._json_reader import QEMUJSONStreamParser
 from ._json_writer import qemu_json
 from ._qcow2 import Qcow2Header, create_qcow2_image, read_qcow2_header
-from ._qmp_error import FakeQMPError, generic_error
+from ._qmp_commands import BUILTIN_HANDLERS, block_handlers
+from ._qmp_error import FakeQMPError
+from ._qmp_events import EventThrottle, make_event
+from ._qmp_jobs import FakeJob, JobRunner, JobWork
 from ._server import SocketListener
 
 __all__ = [
@@ -182,43 +185,6 @@ class FakeQOMObject:
 
     type: str
     properties: dict[str, Any] = field(default_factory=dict)
-
-
-#: What a job does when it completes: returns None, or the error text it concludes with.
-JobWork = Callable[[], "str | None"]
-
-
-@dataclass
-class FakeJob:
-    """A job of the fake server (see :meth:`FakeQMPServer.add_job_command`).
-
-    Attributes:
-        id: the job id.
-        type: the job type (``query-jobs`` ``type``), e.g. ``"create"``.
-        status: the current status (``"created"``, ``"running"``, ..., ``"concluded"``).
-        error: the error text it concludes with, if it fails.
-        duration: seconds it runs before concluding; ``None``: until cancelled.
-    """
-
-    id: str
-    type: str
-    status: str = "created"
-    error: str | None = None
-    duration: float | None = 0.0
-    _task: asyncio.Task[None] | None = field(default=None, repr=False)
-    _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _work: JobWork | None = field(default=None, repr=False)
-
-    def info(self) -> dict[str, Any]:
-        """The job as ``query-jobs`` shows it. Raises nothing."""
-        done = 1 if self.status in ("concluded", "pending", "waiting") else 0
-        info: dict[str, Any] = {
-            "id": self.id, "type": self.type, "status": self.status,
-            "current-progress": done, "total-progress": 1,
-        }
-        if self.status == "concluded" and self.error is not None:
-            info["error"] = self.error
-        return info
 
 
 class FakeQMPConnection:
@@ -422,14 +388,6 @@ def _error_reply(msg_id: Any, error_class: str, desc: str) -> dict[str, Any]:
     return reply
 
 
-@dataclass
-class _RateLimit:
-    """QEMU's per-event-key throttle state (``MonitorQAPIEventState``)."""
-
-    pending: dict[str, Any] | None = None
-    task: asyncio.Task[None] | None = None
-
-
 @dataclass(frozen=True)
 class QEMUProfile:
     """How one real QEMU version answers where versions differ (each seen on that version in
@@ -525,7 +483,6 @@ class FakeQMPServer:
         self._command_waiters: list[tuple[str, int, asyncio.Future[ReceivedCommand]]] = []
         self._block_nodes_override: list[dict[str, Any]] | None = None
         self._block_devices_override: list[dict[str, Any]] | None = None
-        self._limits: dict[tuple[str, str], _RateLimit] = {}
         self.version = version
         self.package = package
         #: The real QEMU version the fake answers like.
@@ -551,9 +508,13 @@ class FakeQMPServer:
         }
         self.jobs: dict[str, FakeJob] = {}
         self.rate_limits: dict[str, float] = {"VSERPORT_CHANGE": vserport_rate_limit}
-        self._install_builtin_handlers()
+        self._job_runner = JobRunner(lambda: self.jobs, self.emit)
+        self._throttle = EventThrottle(
+            self._send_event, lambda name: self.rate_limits.get(name, 0.0)
+        )
+        self.handlers.update(BUILTIN_HANDLERS)
         if block_commands:
-            self._install_block_handlers()
+            self.handlers.update(block_handlers(self._block, self._start_announced_job))
         if agent_port:
             self.qom["/machine/peripheral/vser0"] = FakeQOMObject("virtio-serial-pci")
             self.add_serial_port("qgaport0", AGENT_PORT_NAME, "qga0", open=agent_port_open)
@@ -594,18 +555,8 @@ class FakeQMPServer:
             for writer in list(self._waiting):
                 writer.close()
                 self._slots.release()  # wakes a waiting client up, to be turned away
-        for job in self.jobs.values():
-            if job._task is not None:
-                job._task.cancel()
-        for limit in self._limits.values():
-            if limit.task is not None:
-                limit.task.cancel()
-        tasks = [j._task for j in self.jobs.values() if j._task is not None] + [
-            lim.task for lim in self._limits.values() if lim.task is not None
-        ]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._limits.clear()
+        await self._job_runner.close()
+        await self._throttle.close()
         await self._listener.close()  # the connections were closed above: their tasks end
 
     async def __aenter__(self) -> FakeQMPServer:
@@ -803,14 +754,7 @@ class FakeQMPServer:
     @staticmethod
     def make_event(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """An event message as QEMU sends it, timestamped now. Raises nothing."""
-        now = time.time()
-        event: dict[str, Any] = {
-            "event": name,
-            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)},
-        }
-        if data is not None:
-            event["data"] = dict(data)
-        return event
+        return make_event(name, data)
 
     def _live(self) -> list[FakeQMPConnection]:
         return [c for c in self.connections if c.negotiated and not c.closed]
@@ -839,33 +783,7 @@ class FakeQMPServer:
         Raises:
             TypeError: ``data`` is not JSON-serialisable.
         """
-        event = self.make_event(name, data)
-        period = self.rate_limits.get(name, 0.0)
-        if period <= 0:
-            await self._send_event(event)
-            return
-        if key is None:
-            key = str((data or {}).get("id", ""))
-        state = self._limits.get((name, key))
-        if state is not None:
-            state.pending = event  # the latest wins; sent when the period ends
-            return
-        state = _RateLimit()
-        self._limits[(name, key)] = state
-        await self._send_event(event)
-        state.task = asyncio.ensure_future(self._rate_limit_timer(name, key, state, period))
-
-    async def _rate_limit_timer(self, name: str, key: str, state: _RateLimit, period: float) -> None:
-        try:
-            while True:
-                await asyncio.sleep(period)
-                if state.pending is None:
-                    break
-                event, state.pending = state.pending, None
-                await self._send_event(event)
-        finally:
-            if self._limits.get((name, key)) is state:
-                del self._limits[(name, key)]
+        await self._throttle.queue(name, data, key=key)
 
     async def settle_events(self, timeout: float = 5.0) -> None:
         """Wait until every throttled event has been sent and every throttle period has
@@ -874,11 +792,7 @@ class FakeQMPServer:
         Raises:
             TimeoutError: not within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while self._limits:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fake QMP: events still throttled after {timeout}s")
-            await asyncio.sleep(0.01)
+        await self._throttle.settle(timeout)
 
     async def flood(
         self,
@@ -1088,258 +1002,21 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: a job with this id exists.
         """
-        job = self._new_job(job_id, job_type, duration, error, None)
-        job._task = asyncio.ensure_future(self._run_job(job, announce=True))
-        return job
-
-    def _new_job(
-        self, job_id: str, job_type: str, duration: float | None, error: str | None,
-        work: JobWork | None,
-    ) -> FakeJob:
-        if job_id in self.jobs:
-            raise FakeQMPError("GenericError", f"Job ID '{job_id}' already in use")
-        job = FakeJob(job_id, job_type, error=error, duration=duration)
-        job._work = work
-        self.jobs[job_id] = job
-        return job
+        return self._job_runner.start(job_id, job_type, duration=duration, error=error)
 
     async def _start_announced_job(
         self, call: FakeCall, job_id: str, job_type: str, duration: float | None,
         error: str | None, work: JobWork | None,
     ) -> FakeJob:
-        fault = call.fault
-        if fault is not None and fault.kind is FaultKind.JOB_ERROR:
-            error, work = fault.desc, None
-        if fault is not None and fault.kind is FaultKind.JOB_DELAY and duration is not None:
-            duration += fault.seconds
-        job = self._new_job(job_id, job_type, duration, error, work)
-        await self._set_job_status(job, "created")
-        await self._set_job_status(job, "running")
-        job._task = asyncio.ensure_future(self._run_job(job, announce=False))
-        return job
-
-    async def _set_job_status(self, job: FakeJob, status: str) -> None:
-        job.status = status
-        await self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": status})
-
-    async def _run_job(self, job: FakeJob, *, announce: bool) -> None:
-        await asyncio.sleep(0)  # the command's reply goes out first
-        if announce:
-            await self._set_job_status(job, "created")
-            await self._set_job_status(job, "running")
-        try:
-            await asyncio.wait_for(job._cancelled.wait(), job.duration)
-            job.error = "Operation cancelled"
-        except asyncio.TimeoutError:
-            pass
-        if job.error is None and job._work is not None:
-            try:
-                job.error = job._work()
-            except Exception as exc:  # a broken job: conclude with its error, and log it
-                log.exception("fake QMP job %s failed", job.id)
-                job.error = f"fake job failed: {exc!r}"
-        if job.error is not None:
-            await self._set_job_status(job, "aborting")
-        else:
-            await self._set_job_status(job, "waiting")
-            await self._set_job_status(job, "pending")
-        await self._set_job_status(job, "concluded")
+        return await self._job_runner.start_announced(
+            call.fault, job_id, job_type, duration, error, work
+        )
 
     # built-in handlers ------------------------------------------------------------------------
 
-    def _install_builtin_handlers(self) -> None:
-        h = self.handlers
-
-        def qmp_capabilities(call: FakeCall) -> dict[str, Any]:
-            if call.connection.negotiated:
-                raise FakeQMPError(
-                    "CommandNotFound", "Capabilities negotiation is already complete, "
-                    "command ignored",
-                )
-            enable = call.arg("enable", list, [])
-            for cap in enable:
-                if cap != "oob":
-                    raise FakeQMPError(
-                        "GenericError", f"Parameter 'enable' does not accept value '{cap}'"
-                    )
-            call.connection.oob = "oob" in enable
-            call.connection.negotiated = True
-            return {}
-
-        def query_status(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call)
-            if not self.profile.status_singlestep:
-                return {"running": self.status == "running", "status": self.status}
-            return {"running": self.status == "running", "singlestep": False,
-                    "status": self.status}
-
-        def query_version(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call)
-            major, minor, micro = self.version
-            return {"qemu": {"major": major, "minor": minor, "micro": micro},
-                    "package": self.package}
-
-        def query_commands(call: FakeCall) -> list[dict[str, str]]:
-            return [{"name": name} for name in sorted(self.handlers)]
-
-        def query_chardev(call: FakeCall) -> list[dict[str, Any]]:
-            _no_arguments(call)
-            return [{"label": label, "filename": info.get("filename", ""),
-                     "frontend-open": info.get("frontend-open", False)}
-                    for label, info in self.chardevs.items()]
-
-        def qom_list(call: FakeCall) -> list[dict[str, str]]:
-            path = call.arg("path", str).rstrip("/") or "/"
-            obj = self.qom.get(path)
-            if obj is None:
-                raise FakeQMPError("DeviceNotFound", f"Device '{path}' not found")
-            entries = [{"name": "type", "type": "string"}]
-            entries += [{"name": p, "type": "string"} for p in obj.properties]
-            prefix = path + "/"
-            for child_path, child in self.qom.items():
-                rest = child_path[len(prefix):]
-                if child_path.startswith(prefix) and rest and "/" not in rest:
-                    entries.append({"name": rest, "type": f"child<{child.type}>"})
-            return entries
-
-        def qom_get(call: FakeCall) -> Any:
-            path = call.arg("path", str).rstrip("/") or "/"
-            prop = call.arg("property", str)
-            obj = self.qom.get(path)
-            if obj is None:
-                raise FakeQMPError("DeviceNotFound", f"Device '{path}' not found")
-            if prop == "type":
-                return obj.type
-            if prop not in obj.properties:
-                raise FakeQMPError("GenericError", f"Property '{obj.type}.{prop}' not found")
-            return obj.properties[prop]
-
-        def query_block(call: FakeCall) -> list[dict[str, Any]]:
-            _no_arguments(call)
-            return list(self.block_devices)
-
-        def query_named_block_nodes(call: FakeCall) -> list[dict[str, Any]]:
-            _no_arguments(call, "flat")
-            flat = call.arg("flat", bool, False)
-            if self._block_nodes_override is not None:
-                return list(self._block_nodes_override)
-            return [self.node_info(n, flat=flat) for n in reversed(list(self._block.graph.nodes))]
-
-        def query_jobs(call: FakeCall) -> list[dict[str, Any]]:
-            return [job.info() for job in self.jobs.values()]
-
-        def find_job(call: FakeCall) -> FakeJob:
-            job_id = call.arg("id", str)
-            job = self.jobs.get(job_id)
-            if job is None:
-                raise FakeQMPError("GenericError", "Job not found")
-            return job
-
-        def job_cancel(call: FakeCall) -> dict[str, Any]:
-            job = find_job(call)
-            if job.status in ("concluded", "aborting", "null"):
-                raise FakeQMPError(
-                    "GenericError",
-                    f"Job '{job.id}' in state '{job.status}' cannot accept command verb 'cancel'",
-                )
-            job._cancelled.set()
-            return {}
-
-        async def job_dismiss(call: FakeCall) -> dict[str, Any]:
-            job = find_job(call)
-            if job.status != "concluded":
-                raise FakeQMPError(
-                    "GenericError",
-                    f"Job '{job.id}' in state '{job.status}' cannot accept command verb 'dismiss'",
-                )
-            del self.jobs[job.id]
-            await self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": "null"})
-            return {}
-
-        async def stop(call: FakeCall) -> dict[str, Any]:
-            self.status = "paused"
-            await self.emit("STOP")
-            return {}
-
-        async def cont(call: FakeCall) -> dict[str, Any]:
-            self.status = "running"
-            await self.emit("RESUME")
-            return {}
-
-        h.update({
-            "qmp_capabilities": qmp_capabilities,
-            "query-status": query_status,
-            "query-version": query_version,
-            "query-commands": query_commands,
-            "query-chardev": query_chardev,
-            "qom-list": qom_list,
-            "qom-get": qom_get,
-            "query-block": query_block,
-            "query-named-block-nodes": query_named_block_nodes,
-            "query-jobs": query_jobs,
-            "job-cancel": job_cancel,
-            "job-dismiss": job_dismiss,
-            "stop": stop,
-            "cont": cont,
-        })
-
-    def _install_block_handlers(self) -> None:
-        def blockdev_add(call: FakeCall) -> dict[str, Any]:
-            self._block.add(dict(call.arguments))
-            return {}
-
-        def blockdev_del(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call, "node-name")
-            name = _string_arg(call, "node-name")
-            self.blockdev_del(name)
-            return {}
-
-        def transaction(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call, "actions", "properties")
-            actions = call.arguments.get("actions")
-            if actions is None:
-                raise generic_error("Parameter 'actions' is missing")
-            if not isinstance(actions, list):
-                raise generic_error("Invalid parameter type for 'actions', expected: array")
-            for i, action in enumerate(actions):
-                if not isinstance(action, dict):
-                    raise generic_error(f"Invalid parameter type for 'actions[{i}]', expected: object")
-            self.snapshot(actions)
-            return {}
-
-        async def blockdev_create(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call, "job-id", "options")
-            job_id = _string_arg(call, "job-id")
-            options = call.arguments.get("options")
-            if options is None:
-                raise generic_error("Parameter 'options' is missing")
-            if not isinstance(options, dict):
-                raise generic_error("Invalid parameter type for 'options', expected: object")
-            work = self._block.create_work(options)
-            if job_id in self.jobs:
-                raise generic_error(f"Job ID '{job_id}' already in use")
-            await self._start_announced_job(call, job_id, "create", self.job_duration, None, work)
-            return {}
-
-        self.handlers.update({
-            "blockdev-add": blockdev_add,
-            "blockdev-del": blockdev_del,
-            "transaction": transaction,
-            "blockdev-create": blockdev_create,
-        })
-
-def _no_arguments(call: FakeCall, *allowed: str) -> None:
-    """Refuse unexpected arguments like QEMU's QAPI input visitor."""
-    for key in call.arguments:
-        if key not in allowed:
-            raise generic_error(f"Parameter '{key}' is unexpected")
-
-
-def _string_arg(call: FakeCall, name: str) -> str:
-    if name not in call.arguments:
-        raise generic_error(f"Parameter '{name}' is missing")
-    value = call.arguments[name]
-    if not isinstance(value, str):
-        raise generic_error(f"Invalid parameter type for '{name}', expected: string")
-    return value
-
+    def named_block_nodes(self, *, flat: bool = True) -> list[dict[str, Any]]:
+        """What ``query-named-block-nodes`` answers: :attr:`block_nodes` if assigned, else the
+        graph's nodes, newest first (``flat``: without their backing images). Raises nothing."""
+        if self._block_nodes_override is not None:
+            return list(self._block_nodes_override)
+        return [self.node_info(n, flat=flat) for n in reversed(list(self._block.graph.nodes))]
