@@ -16,9 +16,10 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 
-__all__ = ["ConnectionHandler", "SocketListener"]
+__all__ = ["AsyncService", "ConnectionHandler", "SocketListener"]
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +150,31 @@ class SocketListener:
         finally:
             if task is not None:
                 self._tasks.discard(task)
+
+
+_S = TypeVar("_S", bound="AsyncService")
+
+
+class AsyncService:
+    """The lifecycle every fake shares: :meth:`start`, :meth:`close`, and ``async with``,
+    which starts it and closes it (also on error)."""
+
+    async def start(self) -> None:
+        """Start serving."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop serving and clean up; idempotent."""
+        raise NotImplementedError
+
+    async def __aenter__(self: _S) -> _S:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -39,6 +39,13 @@ Model (what the fake is a model of):
   input, the requests it held but had not read, and the reply of a command in progress are lost.
   ``on_port_change`` lets a fake QMP server emit ``VSERPORT_CHANGE`` and report ``frontend-open``.
 
+Layers (each a module of its own; :class:`FakeAgent` wires them and runs the agent's loop):
+the guest model (``_agent_guest``: filesystems, freeze state, files, programs), the command
+table over it (``_agent_commands``), the sans-I/O engine (``_agent_engine``: bytes in, checked
+requests with their faults and the record, replies out, the 0xFF delimiter), the fault runner
+(``_agent_faults``: one method per fault kind) and the chardev shell (``_agent_chardev``: the
+socket, one client at a time, undelivered replies).
+
 Commands implemented: ``guest-sync``, ``guest-sync-delimited``, ``guest-ping``, ``guest-info``,
 ``guest-fsfreeze-status``, ``guest-fsfreeze-freeze``, ``guest-fsfreeze-freeze-list``,
 ``guest-fsfreeze-thaw``, ``guest-get-osinfo``, ``guest-get-fsinfo``, ``guest-get-host-name``,
@@ -90,7 +97,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._agent_chardev import READ_CHUNK, Changes, Chardev
@@ -112,6 +118,7 @@ from ._faults import FaultKind as AgentFaultKind
 from ._faults import Injection as AgentInjection
 from ._json_reader import QEMUJSONEvent, QEMUJSONStreamParser
 from ._json_writer import qemu_json
+from ._server import AsyncService
 
 __all__ = [
     "AGENT_PROFILES",
@@ -176,7 +183,7 @@ class _GuestAttribute(Generic[_T]):
         setattr(obj._guest, self._name, value)
 
 
-class FakeAgent:
+class FakeAgent(AsyncService):
     """A fake ``qemu-ga`` 7.2 behind a fake virtio-serial chardev socket (see the module doc).
 
     ``async with FakeAgent() as agent:`` starts it and closes it (also on error); or call
@@ -343,18 +350,6 @@ class FakeAgent:
         # Client handlers are not cancelled (asyncio's stream callback logs an error for a
         # cancelled handler task before Python 3.12): their connection is closed and they end.
         await self._chardev.close()
-
-    async def __aenter__(self) -> FakeAgent:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ---------------------------------------------------------------------------- properties
 

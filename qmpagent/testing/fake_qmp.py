@@ -72,7 +72,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Final
 
 from ..monitor import AGENT_PORT_NAME
@@ -85,7 +84,7 @@ from ._qmp_commands import BUILTIN_HANDLERS, block_handlers
 from ._qmp_error import FakeQMPError
 from ._qmp_events import EventThrottle, make_event
 from ._qmp_jobs import FakeJob, JobRunner, JobWork
-from ._server import SocketListener
+from ._server import AsyncService, SocketListener
 
 __all__ = [
     "FakeBlockDevice",
@@ -185,6 +184,13 @@ class FakeQOMObject:
 
     type: str
     properties: dict[str, Any] = field(default_factory=dict)
+
+
+# The faults that lose a command's reply, and what the log says (not applied, applied).
+_LOST_REPLY: Final[Mapping[FaultKind, tuple[str, str]]] = {
+    FaultKind.NO_REPLY: ("fake QMP: never answering %s", "fake QMP: %s took effect; its reply is lost"),
+    FaultKind.DISCONNECT: ("fake QMP: disconnecting on %s", "fake QMP: %s took effect; disconnecting"),
+}
 
 
 class FakeQMPConnection:
@@ -328,28 +334,27 @@ class FakeQMPConnection:
         fault = self.server._take_fault(call.command)
         call.fault = fault
         kind = fault.kind if fault is not None else None
-        if fault is not None and not fault.apply:
-            if kind is FaultKind.NEVER_ANSWER:
-                log.debug("fake QMP: never answering %s", call.command)
-                return
-            if kind is FaultKind.DISCONNECT:
-                log.debug("fake QMP: disconnecting on %s", call.command)
-                self.close()
-                return
+        lost = kind in _LOST_REPLY
+        if fault is not None and lost and not fault.apply:
+            self._lose_reply(call, fault, applied=False)
+            return
         if fault is not None and kind is FaultKind.DELAY:
             await asyncio.sleep(fault.seconds)
         if fault is not None and kind is FaultKind.ERROR and self.negotiated:
             await self._send_error(call.id, fault.error_class, fault.desc)
             return
         reply = await self._run(call)
-        if kind is FaultKind.NEVER_ANSWER:
-            log.debug("fake QMP: %s took effect; its reply is lost", call.command)
-            return
-        if kind is FaultKind.DISCONNECT:
-            log.debug("fake QMP: %s took effect; disconnecting", call.command)
-            self.close()
+        if fault is not None and lost:
+            self._lose_reply(call, fault, applied=True)
             return
         await self.send(reply)
+
+    def _lose_reply(self, call: FakeCall, fault: Fault, *, applied: bool) -> None:
+        # The reply never arrives: the command is swallowed, or the connection drops
+        # (before the command ran, or, with ``apply``, after it took effect).
+        log.debug(_LOST_REPLY[fault.kind][applied], call.command)
+        if fault.kind is FaultKind.DISCONNECT:
+            self.close()
 
     async def _run(self, call: FakeCall) -> dict[str, Any]:
         """Execute ``call``; return the reply message (a result or an error)."""
@@ -418,7 +423,7 @@ def qemu_profile(version: tuple[int, int, int]) -> QEMUProfile:
     return QEMU_PROFILES[max(below)] if below else QEMU_PROFILES[(7, 2)]
 
 
-class FakeQMPServer:
+class FakeQMPServer(AsyncService):
     """A QMP server that behaves like QEMU's monitor, for tests. Use it as an async context
     manager (or :meth:`start` / :meth:`close`).
 
@@ -558,18 +563,6 @@ class FakeQMPServer:
         await self._job_runner.close()
         await self._throttle.close()
         await self._listener.close()  # the connections were closed above: their tasks end
-
-    async def __aenter__(self) -> FakeQMPServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._slots is not None:

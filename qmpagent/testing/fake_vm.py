@@ -59,9 +59,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
+from ._server import AsyncService
 from .fake_agent import DEBIAN13_VERSION, DEFAULT_VERSION, AgentFault, AgentInjection, FakeAgent
 from .fake_qmp import FakeCall, FakeQMPError, FakeQMPServer, create_qcow2_image
 
@@ -122,7 +122,7 @@ class TransactionRecord:
     time: float
 
 
-class FakeVM:
+class FakeVM(AsyncService):
     """A fake QEMU VM with a guest agent, for tests that need no real VM (see the module doc).
 
     ``async with FakeVM() as vm:`` starts it and stops it (also on error); or :meth:`start`
@@ -328,18 +328,6 @@ class FakeVM:
         if self._qmp is not None:
             await self._qmp.close()
         self._exited.set()
-
-    async def __aenter__(self) -> FakeVM:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ---------------------------------------------------------------------------- properties
 
