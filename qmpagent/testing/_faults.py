@@ -288,9 +288,10 @@ class AgentFault(Fault):
         error_class: str = "GenericError",
         desc: str = "",
         handler: FaultHandler | None = None,
+        times: int | None = None,  # last: not the agent's; dataclasses.replace() passes it
     ) -> None:
         super().__init__(
-            kind, seconds, None, apply, error_class, desc, effect_first, after_bytes, data,
+            kind, seconds, times, apply, error_class, desc, effect_first, after_bytes, data,
             size, line, value, handler,
         )
 
