@@ -22,7 +22,7 @@ from ._server import SocketListener
 
 __all__ = ["READ_CHUNK", "Changes", "Chardev"]
 
-log = logging.getLogger("qmpagent.testing.fake_agent")
+log = logging.getLogger("qmpagent.testing.fake_agent")  # the agent's log, as before the split
 
 #: The most bytes read from the socket, or by the agent from the input buffer, at once.
 READ_CHUNK = 4096

@@ -20,7 +20,7 @@ from ._agent_qapi import BOOL, INT, STR, STR_LIST, FakeAgentError, Param, check_
 
 __all__ = ["CommandHandler", "CommandTable", "Request", "builtin_commands"]
 
-log = logging.getLogger("qmpagent.testing.fake_agent")
+log = logging.getLogger("qmpagent.testing.fake_agent")  # the agent's log, as before the split
 
 #: A command handler (see :meth:`FakeAgent.set_handler`): takes the ``arguments`` object and
 #: returns the ``return`` value (``None`` for ``{}``) or an awaitable of it; raises

@@ -9,19 +9,16 @@ nothing of sockets, tasks or the guest: the agent around it does the waiting and
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from ._faults import AGENT_KINDS, Fault, FaultTable
 from ._json_reader import QEMUJSONEvent, QEMUJSONStreamParser
 from ._json_writer import qdict_order, qemu_json
 
 __all__ = ["AgentEngine", "AgentMessage"]
-
-_MAX_COUNTED_NAMES: Final = 4096  # distinct command names whose calls are numbered
-
 
 @dataclass(frozen=True, slots=True)
 class AgentMessage:
@@ -75,9 +72,11 @@ class AgentEngine:
         self._record_bytes = 0
         self._max_records = max_records
         self._max_record_bytes = max_record_bytes
-        self._call_counts: Counter[str] = Counter()
-        #: Requests received in total.
-        self.total_calls = 0
+
+    @property
+    def total_calls(self) -> int:
+        """Requests received in total."""
+        return self.faults.total_calls
 
     def _new_parser(self) -> QEMUJSONStreamParser:
         return QEMUJSONStreamParser(max_message_size=self._max_input, max_tokens=65536)
@@ -105,14 +104,11 @@ class AgentEngine:
             return message
         command: str = value["execute"]
         arguments: dict[str, Any] = value.get("arguments", {})
-        if command in self._call_counts or len(self._call_counts) < _MAX_COUNTED_NAMES:
-            self._call_counts[command] += 1
-        self.total_calls += 1
-        injection = self.faults.take(command, self._call_counts[command], self.total_calls)
+        injection, number = self.faults.call(command)
         fault: Fault | None = injection.fault if injection is not None else None
         message = AgentMessage(
             command, arguments, msg_id, has_id, now, event.after_sync_byte,
-            self._call_counts[command], connection, value, None, fault,
+            number, connection, value, None, fault,
         )
         self._record(message, event.size)
         return message
@@ -152,7 +148,7 @@ class AgentEngine:
 
     def call_count(self, command: str | None = None) -> int:
         """How many requests of ``command`` (or of any command) were received in total."""
-        return self.total_calls if command is None else self._call_counts[command]
+        return self.faults.call_count(command)
 
     def clear_received(self) -> None:
         """Forget the record; call numbers keep counting."""

@@ -2,7 +2,7 @@
 looked up in a table (:class:`AgentFaultRunner`).
 
 The runner is given the agent's operations as callables (run the command, send bytes, format
-a reply, drop the client, hang until released) so it holds no state of the agent's own.
+a reply, drop the client) so it holds no state of the agent's but the hang it causes.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from ._agent_chardev import Changes
 from ._agent_engine import AgentMessage
 from ._faults import Fault, FaultKind
 
@@ -31,7 +32,7 @@ class AgentFaultRunner:
         current: whether the agent generation given is still running.
         connected: whether a client is connected.
         drop_client: close the client connection, if there is one; whether there was.
-        hang: wait until the hang is released or the generation given has gone.
+        changes: notified when the agent hangs; waited on until it is released.
     """
 
     def __init__(
@@ -44,7 +45,7 @@ class AgentFaultRunner:
         current: Callable[[int], bool],
         connected: Callable[[], bool],
         drop_client: Callable[[], bool],
-        hang: Callable[[int], Awaitable[None]],
+        changes: Changes,
     ) -> None:
         self._agent = agent
         self._execute = execute
@@ -53,7 +54,10 @@ class AgentFaultRunner:
         self._current = current
         self._connected = connected
         self._drop_client = drop_client
-        self._hang = hang
+        self._changes = changes
+        self._release_epoch = 0
+        #: Whether the agent is hung by a ``HANG`` fault.
+        self.hung = False
         self._by_kind: dict[FaultKind, Callable[[Fault, AgentMessage, int], Awaitable[None]]] = {
             FaultKind.DELAY: self._delay,
             FaultKind.HANG: self._hang_agent,
@@ -65,6 +69,11 @@ class AgentFaultRunner:
             FaultKind.OVERSIZED: self._oversized,
             FaultKind.DISCONNECT: self._disconnect,
         }
+
+    def release(self) -> None:
+        """End a hang: the agent answers again."""
+        self._release_epoch += 1
+        self._changes.notify()
 
     async def run(self, fault: Fault, message: AgentMessage, generation: int) -> None:
         """Handle ``message`` as ``fault`` says (made by agent ``generation``)."""
@@ -87,7 +96,15 @@ class AgentFaultRunner:
 
     async def _hang_agent(self, fault: Fault, message: AgentMessage, generation: int) -> None:
         answer = await self._execute(message) if fault.apply else None
-        await self._hang(generation)
+        epoch = self._release_epoch
+        self.hung = True
+        self._changes.notify()
+        try:
+            await self._changes.wait_until(
+                lambda: epoch != self._release_epoch or not self._current(generation)
+            )
+        finally:
+            self.hung = False
         if not self._current(generation):
             return
         if not fault.apply:

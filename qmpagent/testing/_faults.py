@@ -17,9 +17,10 @@ count :meth:`FakeQMPServer.add_fault` used to keep in the fault itself).
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 __all__ = [
     "AGENT_KINDS",
@@ -322,9 +323,13 @@ class Injection:
         self.active = False
 
 
+_MAX_COUNTED_NAMES: Final = 4096  # distinct command names whose calls are numbered
+
+
 class FaultTable:
-    """The injections of one fake, in the order they were made; the first active one that
-    matches a call applies to it, and each call gets at most one.
+    """The injections of one fake, in the order they were made, and the numbering of the
+    calls they are matched against: the first active one that matches a call applies to it,
+    and each call gets at most one.
 
     Args:
         kinds: the fault kinds this fake models; others are refused by :meth:`add`.
@@ -333,6 +338,23 @@ class FaultTable:
     def __init__(self, kinds: frozenset[FaultKind]) -> None:
         self._kinds = kinds
         self._injections: list[Injection] = []
+        # Numbered for a bounded set of names (a client may send any): the rest are call 0.
+        self._counts: Counter[str] = Counter()
+        #: Calls counted in total.
+        self.total_calls = 0
+
+    def call(self, command: str) -> tuple[Injection | None, int]:
+        """Count a call of ``command``; return the injection that applies to it (see
+        :meth:`take`) and the call's number (1-based; 0 beyond 4096 distinct names)."""
+        if command in self._counts or len(self._counts) < _MAX_COUNTED_NAMES:
+            self._counts[command] += 1
+        self.total_calls += 1
+        number = self._counts[command]
+        return self.take(command, number, self.total_calls), number
+
+    def call_count(self, command: str | None = None) -> int:
+        """How many calls of ``command`` (or of any) were counted."""
+        return self.total_calls if command is None else self._counts[command]
 
     def add(
         self, command: str, fault: Fault, *, call: int | None = None, times: int | None = 1

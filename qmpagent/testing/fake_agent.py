@@ -91,14 +91,13 @@ while the port is closed are dropped if their client disconnects before it opens
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, overload
 
+from ._agent_callbacks import AgentCallbacks
 from ._agent_chardev import READ_CHUNK, Changes, Chardev
 from ._agent_commands import CommandHandler, CommandTable, builtin_commands
 from ._agent_engine import AgentEngine, AgentMessage
@@ -262,9 +261,7 @@ class FakeAgent(AsyncService):
         self.version = version
         #: The real agent version the fake behaves like.
         self.profile = agent_profile(version)
-        self._on_port_change = on_port_change
-        self._on_shutdown = on_shutdown
-        self._on_suspend = on_suspend
+        self._callbacks = AgentCallbacks(on_port_change, on_shutdown, on_suspend)
         # The layers: the guest (state and effects), the command table over it, the protocol
         # engine (bytes -> requests, replies -> bytes) and the chardev (the socket).
         self._guest = GuestModel(
@@ -292,7 +289,7 @@ class FakeAgent(AsyncService):
             agent=self, execute=self.execute, send=self._send, encode=self._engine.encode,
             current=lambda generation: generation == self._generation,
             connected=lambda: self._chardev.connected, drop_client=self._chardev.drop_client,
-            hang=self._hang,
+            changes=self._changes,
         )
         #: Whether a ``guest-shutdown`` succeeded (stays set; see :attr:`shutdown_mode`).
         self.shut_down = False
@@ -300,11 +297,8 @@ class FakeAgent(AsyncService):
         self.shutdown_mode: str | None = None
         self._port_open = port_open
         self._generation = 0  # bumped whenever the agent "restarts" (port closed)
-        self._release_epoch = 0
-        self._hung = False
         self._busy = False
         self._agent_task: asyncio.Task[None] | None = None
-        self._callback_task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
 
@@ -343,10 +337,10 @@ class FakeAgent(AsyncService):
             return
         self._closed = True
         self._chardev.stop_listening()
-        own = [t for t in (self._agent_task, self._callback_task) if t is not None]
-        for task in own:
-            task.cancel()
-        await asyncio.gather(*own, return_exceptions=True)
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            await asyncio.gather(self._agent_task, return_exceptions=True)
+        await self._callbacks.close()
         # Client handlers are not cancelled (asyncio's stream callback logs an error for a
         # cancelled handler task before Python 3.12): their connection is closed and they end.
         await self._chardev.close()
@@ -413,7 +407,7 @@ class FakeAgent(AsyncService):
     @property
     def hung(self) -> bool:
         """Whether the agent is hung by an :meth:`AgentFault.hang` fault."""
-        return self._hung
+        return self._faults.hung
 
     @property
     def buffered(self) -> int:
@@ -501,7 +495,7 @@ class FakeAgent(AsyncService):
         if self._port_open:
             return
         self._port_open = True
-        self._fire(self._on_port_change, True)
+        self._callbacks.port_changed(True)
         self._changes.notify()
 
     def close_port(self) -> None:
@@ -514,7 +508,7 @@ class FakeAgent(AsyncService):
             return
         self._port_open = False
         self._restart_agent()
-        self._fire(self._on_port_change, False)
+        self._callbacks.port_changed(False)
         self._changes.notify()
 
     def wakeup(self) -> None:
@@ -641,8 +635,7 @@ class FakeAgent(AsyncService):
 
     def release(self) -> None:
         """End a hang (:meth:`AgentFault.hang`): the agent answers again."""
-        self._release_epoch += 1
-        self._changes.notify()
+        self._faults.release()
 
     @property
     def injections(self) -> list[AgentInjection]:
@@ -653,7 +646,7 @@ class FakeAgent(AsyncService):
 
     def _suspend(self, mode: str) -> None:
         self._guest.suspend(mode)
-        self._fire(self._on_suspend, mode)
+        self._callbacks.suspended(mode)
 
     def _restart_agent(self) -> None:
         self._generation += 1
@@ -664,49 +657,10 @@ class FakeAgent(AsyncService):
     def _runnable(self) -> bool:
         return self._port_open and self._guest.suspended is None
 
-    def _fire(self, callback: Callable[..., object] | None, *args: Any) -> None:
-        if callback is None:
-            return
-        try:
-            result = callback(*args)
-        except Exception:
-            log.exception("fake agent: callback %r failed", callback)
-            return
-        if not inspect.isawaitable(result):
-            return
-        previous = self._callback_task
-
-        async def run(awaitable: Awaitable[object]) -> None:
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await previous
-            try:
-                await awaitable
-            except Exception:
-                log.exception("fake agent: callback %r failed", callback)
-
-        try:
-            self._callback_task = asyncio.ensure_future(run(result))
-        except RuntimeError:  # no running loop
-            if inspect.iscoroutine(result):
-                result.close()
-            log.warning("fake agent: async callback %r called outside the event loop", callback)
-
     async def _send(self, data: bytes, generation: int) -> None:
         if not data or generation != self._generation:
             return  # the agent that produced it has gone
         await self._chardev.write(data)
-
-    async def _hang(self, generation: int) -> None:
-        epoch = self._release_epoch
-        self._hung = True
-        self._changes.notify()
-        try:
-            await self._changes.wait_until(
-                lambda: epoch != self._release_epoch or generation != self._generation
-            )
-        finally:
-            self._hung = False
 
     async def _agent_loop(self) -> None:
         while True:
@@ -754,6 +708,6 @@ class FakeAgent(AsyncService):
             return
         self.shut_down = True
         self.shutdown_mode = mode
-        self._fire(self._on_shutdown, mode)
+        self._callbacks.shut_down(mode)
         self.close_port()
         self._chardev.drop_client()  # QEMU exits

@@ -106,7 +106,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_MAX_COUNTED_NAMES: Final = 4096  # distinct command names whose calls are numbered
 
 @dataclass(frozen=True)
 class ReceivedCommand:
@@ -498,8 +497,6 @@ class FakeQMPServer(AsyncService):
         self.handlers: dict[str, Handler] = {}
         self.received: list[ReceivedCommand] = []
         self._faults = FaultTable(QMP_KINDS)
-        self._fault_calls: dict[str, int] = {}  # command -> calls that looked for a fault
-        self._fault_total = 0
         self.connections: list[FakeQMPConnection] = []
         self.status = "running"
         self.chardevs: dict[str, dict[str, Any]] = {
@@ -734,12 +731,7 @@ class FakeQMPServer(AsyncService):
         self._faults.clear(command)
 
     def _take_fault(self, command: str) -> Fault | None:
-        # Numbered for a bounded set of names (a client may send any): the rest are call 0.
-        if command in self._fault_calls or len(self._fault_calls) < _MAX_COUNTED_NAMES:
-            self._fault_calls[command] = self._fault_calls.get(command, 0) + 1
-        self._fault_total += 1
-        call = self._fault_calls.get(command, 0)
-        injection = self._faults.take(command, call, self._fault_total)
+        injection, _ = self._faults.call(command)
         return injection.fault if injection is not None else None
 
     # events and disconnection -----------------------------------------------------------------
