@@ -11,6 +11,8 @@ Nothing in the library imports this package.
   ``transaction``), real socket servers that behave like the real peers byte for byte where
   it was checked (``tests/test_conformance.py`` runs the same scenarios on both), for tests
   that need no VM.
+* :class:`Fault` and ``inject(command, fault, call=None, times=1)``: one fault vocabulary for
+  both fakes (:class:`AgentFault` is the agent's former name, with its former defaults).
 * :class:`FakeVM`: the two wired together like QEMU and its guest (agent port state and
   ``VSERPORT_CHANGE``, shutdown, reboot, pause, disks as real qcow2 files), so
   :class:`qmpagent.SnapshotOrchestrator` runs against it unchanged.
@@ -44,6 +46,7 @@ from .fake_qmp import (
     FakeQOMObject,
     Fault,
     FaultKind,
+    Injection,
     Qcow2Header,
     ReceivedCommand,
     create_qcow2_image,
@@ -91,6 +94,7 @@ __all__ = [
     "GuestDisk",
     "GuestError",
     "GuestImage",
+    "Injection",
     "Peer",
     "PeerError",
     "QEMUJSONEvent",

@@ -39,6 +39,13 @@ Model (what the fake is a model of):
   input, the requests it held but had not read, and the reply of a command in progress are lost.
   ``on_port_change`` lets a fake QMP server emit ``VSERPORT_CHANGE`` and report ``frontend-open``.
 
+Layers (each a module of its own; :class:`FakeAgent` wires them and runs the agent's loop):
+the guest model (``_agent_guest``: filesystems, freeze state, files, programs), the command
+table over it (``_agent_commands``), the sans-I/O engine (``_agent_engine``: bytes in, checked
+requests with their faults and the record, replies out, the 0xFF delimiter), the fault runner
+(``_agent_faults``: one method per fault kind) and the chardev shell (``_agent_chardev``: the
+socket, one client at a time, undelivered replies).
+
 Commands implemented: ``guest-sync``, ``guest-sync-delimited``, ``guest-ping``, ``guest-info``,
 ``guest-fsfreeze-status``, ``guest-fsfreeze-freeze``, ``guest-fsfreeze-freeze-list``,
 ``guest-fsfreeze-thaw``, ``guest-get-osinfo``, ``guest-get-fsinfo``, ``guest-get-host-name``,
@@ -80,37 +87,55 @@ environments and output truncation, and the agent's state across a guest reboot 
 while the port is closed are dropped if their client disconnects before it opens.
 """
 
+
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
-import enum
-import functools
-import inspect
 import logging
 import os
-import re
-import shutil
-import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar, overload
+
+from ._agent_callbacks import AgentCallbacks
+from ._agent_chardev import READ_CHUNK, Changes, Chardev
+from ._agent_commands import CommandHandler, CommandTable, builtin_commands
+from ._agent_engine import AgentEngine, AgentMessage
+from ._agent_faults import AgentFaultRunner
+from ._agent_guest import ExecProgram, FakeExecResult, GuestModel
+from ._agent_profiles import (
+    AGENT_PROFILES,
+    DEBIAN13_VERSION,
+    DEFAULT_VERSION,
+    FREEZE_ALLOWLIST,
+    AgentProfile,
+    agent_profile,
+)
+from ._agent_qapi import FakeAgentError
+from ._faults import AgentFault, Fault
+from ._faults import FaultKind as AgentFaultKind
+from ._faults import Injection as AgentInjection
+from ._json_reader import QEMUJSONEvent, QEMUJSONStreamParser
+from ._json_writer import qemu_json
+from ._server import AsyncService
 
 __all__ = [
+    "AGENT_PROFILES",
+    "DEBIAN13_VERSION",
+    "DEFAULT_VERSION",
+    "FREEZE_ALLOWLIST",
     "AgentFault",
     "AgentFaultKind",
     "AgentInjection",
     "AgentMessage",
     "AgentProfile",
+    "CommandHandler",
+    "ExecProgram",
+    "ExecResult",
     "FakeAgent",
     "FakeAgentError",
     "FakeExecResult",
+    "FaultHandler",
     "QEMUJSONEvent",
     "QEMUJSONStreamParser",
     "agent_profile",
@@ -119,1256 +144,45 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The ``version`` the fake reports in ``guest-info`` (the real Debian 12 qemu-ga reports this).
-DEFAULT_VERSION: Final = "7.2.22"
-#: The version of Debian 13's qemu-ga, the second real peer; ``FakeAgent(version=...)`` with it
-#: behaves like that agent where the two differ (see :class:`AgentProfile`).
-DEBIAN13_VERSION: Final = "10.0.13"
-
-# =================================================================================================
-# QEMU's JSON output format (qobject/qjson.c + qobject/qdict.c)
-# =================================================================================================
-
-_QDICT_BUCKET_MAX: Final = 512
-
-
-def _mod_utf8(text: str) -> bytes:
-    """A Python string as QEMU holds it: UTF-8, with U+0000 as the overlong ``C0 80``."""
-    return text.encode("utf-8", "surrogatepass").replace(b"\x00", b"\xc0\x80")
-
-
-@functools.lru_cache(maxsize=4096)
-def _qdict_bucket(key: str) -> int:
-    # tdb_hash() of qobject/qdict.c, modulo QDICT_BUCKET_MAX.
-    data = _mod_utf8(key)
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, byte in enumerate(data):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKET_MAX
-
-
-def _qdict_order(keys: Sequence[str]) -> list[str]:
-    """Keys in the order QEMU iterates a QDict they were inserted into in this order.
-
-    A QDict is a 512-bucket hash table iterated bucket by bucket; each bucket is a list with the
-    newest entry first.
-    """
-    if len(keys) < 2:
-        return list(keys)
-    ranked = sorted((_qdict_bucket(k), -i, k) for i, k in enumerate(keys))
-    return [k for _, _, k in ranked]
-
-
-def _valid_codepoint(cp: int) -> bool:
-    # util/unicode.c is_valid_codepoint()
-    if cp > 0x10FFFF:
-        return False
-    if 0xFDD0 <= cp <= 0xFDEF or (cp & 0xFFFE) == 0xFFFE:
-        return False  # noncharacter
-    return not 0xD800 <= cp <= 0xDFFF  # surrogate
-
-
-_JSON_SAFE_RE: Final = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*\Z")
-_JSON_UNSAFE_RE: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
-_JSON_ESCAPES: Final = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\f": "\\f",
-    "\n": "\\n",
-    "\r": "\\r",
-    "\t": "\\t",
-}
-
-
-def _escape_char(match: re.Match[str]) -> str:
-    ch = match.group()
-    escaped = _JSON_ESCAPES.get(ch)
-    if escaped is not None:
-        return escaped
-    cp = ord(ch)
-    if not _valid_codepoint(cp):
-        cp = 0xFFFD
-    if cp > 0xFFFF:
-        cp -= 0x10000
-        return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
-    return f"\\u{cp:04X}"
-
-
-def _encode_string(text: str, out: list[str]) -> None:
-    if _JSON_SAFE_RE.match(text):
-        out.append(f'"{text}"')
-    else:
-        out.append('"' + _JSON_UNSAFE_RE.sub(_escape_char, text) + '"')
-
-
-def _encode(value: Any, out: list[str]) -> None:
-    if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, int):
-        out.append(str(int(value)))
-    elif isinstance(value, float):
-        out.append(f"{value:.17g}")
-    elif isinstance(value, str):
-        _encode_string(value, out)
-    elif isinstance(value, Mapping):
-        out.append("{")
-        for n, key in enumerate(_qdict_order(list(value))):
-            if not isinstance(key, str):
-                raise TypeError(f"JSON object keys must be strings, not {key!r}")
-            if n:
-                out.append(", ")
-            _encode_string(key, out)
-            out.append(": ")
-            _encode(value[key], out)
-        out.append("}")
-    elif isinstance(value, (list, tuple)):
-        out.append("[")
-        for n, item in enumerate(value):
-            if n:
-                out.append(", ")
-            _encode(item, out)
-        out.append("]")
-    else:
-        raise TypeError(f"cannot encode {type(value).__name__} as JSON")
-
-
-def qemu_json(value: Any) -> str:
-    """Format a JSON value exactly as QEMU does (``qobject_to_json``, not pretty).
-
-    Separators are ``", "`` and ``": "``; object members come in QEMU's QDict iteration order
-    (a 512-bucket hash of the key, newest first within a bucket), which is why the real agent
-    answers ``{"return": {}, "id": 1}`` but ``{"id": 1, "error": {...}}``; characters outside
-    printable ASCII are escaped as upper-case ``\\uXXXX`` (surrogate pairs beyond the BMP,
-    U+FFFD for what QEMU cannot hold); floats use ``%.17g``. Works for QMP replies too.
-
-    Args:
-        value: ``None``, ``bool``, ``int``, ``float``, ``str``, a mapping with string keys (its
-            iteration order is taken as the insertion order), or a list/tuple of these.
-
-    Raises:
-        TypeError: a value of another type.
-    """
-    out: list[str] = []
-    _encode(value, out)
-    return "".join(out)
-
-
-# =================================================================================================
-# QEMU's JSON input: lexer (qobject/json-lexer.c), streamer (json-streamer.c), parser
-# (json-parser.c), as of QEMU 7.2
-# =================================================================================================
-
-# Lexer states
-_ERROR: Final = 0
-_RECOVERY: Final = 1
-_DQ_ESCAPE: Final = 2
-_DQ: Final = 3
-_SQ_ESCAPE: Final = 4
-_SQ: Final = 5
-_ZERO: Final = 6
-_EXP_DIGITS: Final = 7
-_EXP_SIGN: Final = 8
-_EXP_E: Final = 9
-_MANTISSA: Final = 10
-_MANTISSA_DIGITS: Final = 11
-_DIGITS: Final = 12
-_SIGN: Final = 13
-_KEYWORD: Final = 14
-_START: Final = 15
-# Token types (> every state)
-_T_LCURLY: Final = 100
-_T_RCURLY: Final = 101
-_T_LSQUARE: Final = 102
-_T_RSQUARE: Final = 103
-_T_COLON: Final = 104
-_T_COMMA: Final = 105
-_T_INTEGER: Final = 106
-_T_FLOAT: Final = 107
-_T_KEYWORD: Final = 108
-_T_STRING: Final = 109
-_T_OVERSIZE: Final = 110  # not QEMU's: a token that outgrew the size limit
-
-_STRUCTURAL: Final = {
-    ord("{"): _T_LCURLY,
-    ord("}"): _T_RCURLY,
-    ord("["): _T_LSQUARE,
-    ord("]"): _T_RSQUARE,
-    ord(":"): _T_COLON,
-    ord(","): _T_COMMA,
-}
-_WHITESPACE: Final = frozenset(b" \t\r\n")
-_DIGIT: Final = frozenset(b"0123456789")
-_LOWER: Final = frozenset(b"abcdefghijklmnopqrstuvwxyz")
-
-
-def _transition(state: int, c: int) -> tuple[int, bool]:
-    """One step of QEMU's lexer table: ``(new state or token type, lookahead)``.
-
-    With lookahead the character is not consumed and is fed again in the new state.
-    """
-    if state == _START:
-        if c == 0x22:
-            return _DQ, False
-        if c == 0x27:
-            return _SQ, False
-        if c == 0x30:
-            return _ZERO, False
-        if 0x31 <= c <= 0x39:
-            return _DIGITS, False
-        if c == 0x2D:
-            return _SIGN, False
-        token = _STRUCTURAL.get(c)
-        if token is not None:
-            return token, False
-        if c in _LOWER:
-            return _KEYWORD, False
-        if c in _WHITESPACE:
-            return _START, False
-        return _ERROR, False
-    if state in (_DQ, _SQ):
-        if c == (0x22 if state == _DQ else 0x27):
-            return _T_STRING, False
-        if c == 0x5C:
-            return (_DQ_ESCAPE if state == _DQ else _SQ_ESCAPE), False
-        if 0x20 <= c <= 0xFD:
-            return state, False
-        return _ERROR, False
-    if state in (_DQ_ESCAPE, _SQ_ESCAPE):
-        if 0x20 <= c <= 0xFD:
-            return (_DQ if state == _DQ_ESCAPE else _SQ), False
-        return _ERROR, False
-    if state == _RECOVERY:
-        if c == 0x09 or (0x20 <= c <= 0xFD and c not in _STRUCTURAL):
-            return _RECOVERY, False
-        return _START, True
-    if state == _ZERO:
-        if c in _DIGIT:
-            return _ERROR, False
-        if c == 0x2E:
-            return _MANTISSA, False
-        return _T_INTEGER, True
-    if state == _DIGITS:
-        if c in _DIGIT:
-            return _DIGITS, False
-        if c in (0x65, 0x45):
-            return _EXP_E, False
-        if c == 0x2E:
-            return _MANTISSA, False
-        return _T_INTEGER, True
-    if state == _SIGN:
-        if c == 0x30:
-            return _ZERO, False
-        if 0x31 <= c <= 0x39:
-            return _DIGITS, False
-        return _ERROR, False
-    if state == _MANTISSA:
-        return (_MANTISSA_DIGITS, False) if c in _DIGIT else (_ERROR, False)
-    if state == _MANTISSA_DIGITS:
-        if c in _DIGIT:
-            return _MANTISSA_DIGITS, False
-        if c in (0x65, 0x45):
-            return _EXP_E, False
-        return _T_FLOAT, True
-    if state == _EXP_E:
-        if c in (0x2B, 0x2D):
-            return _EXP_SIGN, False
-        return (_EXP_DIGITS, False) if c in _DIGIT else (_ERROR, False)
-    if state == _EXP_SIGN:
-        return (_EXP_DIGITS, False) if c in _DIGIT else (_ERROR, False)
-    if state == _EXP_DIGITS:
-        return (_EXP_DIGITS, False) if c in _DIGIT else (_T_FLOAT, True)
-    if state == _KEYWORD:
-        return (_KEYWORD, False) if c in _LOWER else (_T_KEYWORD, True)
-    raise AssertionError(f"bad lexer state {state}")  # pragma: no cover
-
-
-def _byte_run(allowed: Iterable[int]) -> re.Pattern[bytes]:
-    return re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in sorted(allowed)) + b"]+")
-
-
-# Fast paths over runs of bytes that only extend the current token (or are skipped).
-_DQ_RUN: Final = _byte_run(b for b in range(0x20, 0xFE) if b not in (0x22, 0x5C))
-_SQ_RUN: Final = _byte_run(b for b in range(0x20, 0xFE) if b not in (0x27, 0x5C))
-_WS_RUN: Final = _byte_run(_WHITESPACE)
-_RECOVERY_RUN: Final = _byte_run(
-    [0x09, *(b for b in range(0x20, 0xFE) if b not in _STRUCTURAL)]
-)
-
-
-def _mod_utf8_codepoint(data: bytes, i: int) -> tuple[int, int]:
-    """Decode one code point at ``data[i]`` like QEMU's ``mod_utf8_codepoint``.
-
-    Returns ``(code point or -1 if invalid, index after it)``.
-    """
-    byte = data[i]
-    i += 1
-    if byte < 0x80:
-        return byte, i
-    if byte >= 0xFE or not byte & 0x40:
-        return -1, i  # impossible byte, or unexpected continuation byte
-    length = 0
-    mask = 0x80
-    while byte & mask:
-        length += 1
-        mask >>= 1
-    cp = byte & (mask - 1)
-    for _ in range(1, length):
-        nxt = data[i] if i < len(data) else 0
-        if nxt & 0xC0 != 0x80:
-            return -1, i  # continuation byte missing
-        i += 1
-        cp = (cp << 6) | (nxt & 0x3F)
-    if not _valid_codepoint(cp):
-        return -1, i
-    if cp < (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2] and not (
-        cp == 0 and length == 2
-    ):
-        return -1, i  # overlong, other than C0 80
-    return cp, i
-
-
-def _c_string(data: bytes) -> str:
-    """Bytes QEMU prints with ``%s`` and then formats as JSON: cut at NUL, invalid -> U+FFFD."""
-    data = data.split(b"\x00", 1)[0]
-    chars = []
-    i = 0
-    while i < len(data):
-        cp, i = _mod_utf8_codepoint(data, i)
-        chars.append(chr(0xFFFD if cp < 0 else cp))
-    return "".join(chars)
-
-
-class _ParseError(Exception):
-    pass
-
-
-class _Parser:
-    """QEMU's recursive descent parser over one message's tokens (first error wins)."""
-
-    def __init__(self, tokens: list[tuple[int, bytes]]) -> None:
-        self.tokens = tokens
-        self.pos = 0
-
-    def error(self, message: str) -> _ParseError:
-        return _ParseError(f"JSON parse error, {message}")
-
-    def peek(self) -> tuple[int, bytes] | None:
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def pop(self) -> tuple[int, bytes] | None:
-        token = self.peek()
-        if token is not None:
-            self.pos += 1
-        return token
-
-    def value(self) -> Any:
-        token = self.peek()
-        if token is None:
-            raise self.error("premature EOI")
-        kind, text = token
-        if kind == _T_LCURLY:
-            return self.object()
-        if kind == _T_LSQUARE:
-            return self.array()
-        if kind in (_T_INTEGER, _T_FLOAT, _T_STRING):
-            self.pos += 1
-            return self.literal(kind, text)
-        if kind == _T_KEYWORD:
-            self.pos += 1
-            if text == b"true":
-                return True
-            if text == b"false":
-                return False
-            if text == b"null":
-                return None
-            raise self.error(f"invalid keyword '{_c_string(text)}'")
-        raise self.error("expecting value")
-
-    def object(self) -> dict[str, Any]:
-        self.pop()
-        result: dict[str, Any] = {}
-        peek = self.peek()
-        if peek is None:
-            raise self.error("premature EOI")
-        if peek[0] == _T_RCURLY:
-            self.pop()
-            return result
-        self.pair(result)
-        while True:
-            token = self.pop()
-            if token is None:
-                raise self.error("premature EOI")
-            if token[0] == _T_RCURLY:
-                return result
-            if token[0] != _T_COMMA:
-                raise self.error("expected separator in dict")
-            self.pair(result)
-
-    def pair(self, result: dict[str, Any]) -> None:
-        if self.peek() is None:
-            raise self.error("premature EOI")
-        key = self.value()
-        if not isinstance(key, str):
-            raise self.error("key is not a string in object")
-        token = self.pop()
-        if token is None:
-            raise self.error("premature EOI")
-        if token[0] != _T_COLON:
-            raise self.error("missing : in object pair")
-        value = self.value()
-        if key in result:
-            raise self.error("duplicate key")
-        result[key] = value
-
-    def array(self) -> list[Any]:
-        self.pop()
-        result: list[Any] = []
-        peek = self.peek()
-        if peek is None:
-            raise self.error("premature EOI")
-        if peek[0] == _T_RSQUARE:
-            self.pop()
-            return result
-        result.append(self.value())
-        while True:
-            token = self.pop()
-            if token is None:
-                raise self.error("premature EOI")
-            if token[0] == _T_RSQUARE:
-                return result
-            if token[0] != _T_COMMA:
-                raise self.error("expected separator in list")
-            result.append(self.value())
-
-    def literal(self, kind: int, text: bytes) -> Any:
-        if kind == _T_STRING:
-            return self.string(text)
-        if kind == _T_INTEGER:
-            number = int(text)
-            if -(1 << 63) <= number < (1 << 63) or 0 <= number < (1 << 64):
-                return number
-        return float(text)
-
-    def string(self, text: bytes) -> str:
-        quote = text[0]
-        out: list[str] = []
-        i = 1
-        while text[i] != quote:
-            c = text[i]
-            if c == 0x5C:
-                begin = i
-                i += 1
-                esc = text[i]
-                i += 1
-                simple = _SIMPLE_ESCAPES.get(esc)
-                if simple is not None:
-                    out.append(simple)
-                    continue
-                if esc != 0x75:  # 'u'
-                    raise self.error("invalid escape sequence in string")
-                cp = _hex4(text, i)
-                i += 4
-                if 0xD800 <= cp <= 0xDBFF and text[i : i + 2] == b"\\u":
-                    trailing = _hex4(text, i + 2)
-                    if 0xDC00 <= trailing <= 0xDFFF:
-                        cp = 0x10000 + ((cp & 0x3FF) << 10) | (trailing & 0x3FF)
-                        i += 6
-                    else:
-                        cp = -1
-                if cp < 0 or not _valid_codepoint(cp):
-                    raise self.error(
-                        f"{_c_string(text[begin:i])} is not a valid Unicode character"
-                    )
-                out.append(chr(cp))
-            else:
-                cp, i = _mod_utf8_codepoint(text, i)
-                if cp < 0:
-                    raise self.error("invalid UTF-8 sequence in string")
-                out.append(chr(cp))
-        return "".join(out)
-
-
-_SIMPLE_ESCAPES: Final = {
-    ord('"'): '"',
-    ord("'"): "'",
-    ord("\\"): "\\",
-    ord("/"): "/",
-    ord("b"): "\b",
-    ord("f"): "\f",
-    ord("n"): "\n",
-    ord("r"): "\r",
-    ord("t"): "\t",
-}
-
-
-def _hex4(text: bytes, i: int) -> int:
-    digits = text[i : i + 4]
-    if len(digits) < 4 or not all(d in b"0123456789abcdefABCDEF" for d in digits):
-        return -1
-    return int(digits, 16)
-
-
-@dataclass(frozen=True, slots=True)
-class QEMUJSONEvent:
-    """One outcome of :meth:`QEMUJSONStreamParser.feed`: a JSON value, or an error.
-
-    Attributes:
-        value: the parsed value (``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` or
-            ``None``); ``None`` also when ``error`` is set.
-        error: QEMU's error text (e.g. ``"JSON parse error, stray '\\ufffd'"``), or ``None``.
-        after_sync_byte: a 0xFF byte was consumed since the previous successfully parsed value
-            (for the parse error the 0xFF itself causes, and for the value after it).
-        size: the bytes of the tokens that made the value (0 for an error).
-    """
-
-    value: Any
-    error: str | None
-    after_sync_byte: bool
-    size: int = 0
-
-
-class QEMUJSONStreamParser:
-    """QEMU's JSON stream parser (lexer, streamer and parser of QEMU 7.2), sans I/O.
-
-    Feed it bytes as they arrive; it returns what QEMU would hand to its dispatcher: each
-    complete top-level value, or an error after which it recovers like QEMU (skipping to the
-    next structural character or control byte; a 0xFF or 0xFE byte always ends the partial
-    input with ``stray``). Messages need no separator and no newline.
-
-    Args:
-        max_message_size: the most bytes of tokens one message may hold (QEMU: 64 MiB);
-            beyond it the message ends with "JSON token size limit exceeded".
-        max_tokens: the most tokens one message may hold (QEMU: 2 Mi).
-        max_nesting: the deepest nesting of ``{`` and ``[`` (QEMU: 1024).
-    """
-
-    def __init__(
-        self,
-        *,
-        max_message_size: int = 64 << 20,
-        max_tokens: int = 2 << 20,
-        max_nesting: int = 1024,
-    ) -> None:
-        self._max_size = max_message_size
-        self._max_tokens = max_tokens
-        self._max_nesting = max_nesting
-        self._state = _START
-        self._token = bytearray()
-        self._tokens: list[tuple[int, bytes]] = []
-        self._size = 0
-        self._brace = 0
-        self._bracket = 0
-        self._saw_sync = False
-        self._events: list[QEMUJSONEvent] = []
-
-    def feed(self, data: bytes) -> list[QEMUJSONEvent]:
-        """Consume ``data``; return the values and errors it completed, in order."""
-        i = 0
-        n = len(data)
-        while i < n:
-            state = self._state
-            run: re.Pattern[bytes] | None = None
-            if state == _DQ:
-                run = _DQ_RUN
-            elif state == _SQ:
-                run = _SQ_RUN
-            elif state == _START:
-                run = _WS_RUN
-            elif state == _RECOVERY:
-                run = _RECOVERY_RUN
-            if run is not None:
-                match = run.match(data, i)
-                if match is not None:
-                    end = match.end()
-                    if state in (_DQ, _SQ):
-                        end = min(end, i + self._max_size - len(self._token) + 1)
-                        self._token += data[i:end]
-                        i = end
-                        self._check_token_size()
-                    else:
-                        i = end
-                    continue
-            self._feed_char(data[i])
-            i += 1
-        events, self._events = self._events, []
-        return events
-
-    def _feed_char(self, c: int) -> None:
-        consumed = False
-        while not consumed:
-            new, lookahead = _transition(self._state, c)
-            consumed = not lookahead
-            if consumed:
-                self._token.append(c)
-                if c == 0xFF:
-                    self._saw_sync = True
-            if new >= _T_LCURLY:
-                self._token_done(new, bytes(self._token))
-                self._token.clear()
-                new = _START
-            elif new == _START:
-                self._token.clear()
-            elif new == _ERROR:
-                self._emit(None, f"JSON parse error, stray '{_c_string(bytes(self._token))}'")
-                self._token.clear()
-                new = _RECOVERY
-            elif new == _RECOVERY:
-                self._token.clear()
-            self._state = new
-        self._check_token_size()
-
-    def _check_token_size(self) -> None:
-        if len(self._token) > self._max_size:
-            self._token_done(_T_OVERSIZE, b"")
-            self._token.clear()
-            self._state = _START
-
-    def _token_done(self, kind: int, text: bytes) -> None:
-        # json_message_process_token()
-        if kind == _T_LCURLY:
-            self._brace += 1
-        elif kind == _T_RCURLY:
-            self._brace -= 1
-        elif kind == _T_LSQUARE:
-            self._bracket += 1
-        elif kind == _T_RSQUARE:
-            self._bracket -= 1
-        if kind == _T_OVERSIZE or self._size + len(text) + 1 > self._max_size:
-            self._emit(None, "JSON token size limit exceeded")
-            return
-        if len(self._tokens) + 1 > self._max_tokens:
-            self._emit(None, "JSON token count limit exceeded")
-            return
-        if self._bracket + self._brace > self._max_nesting:
-            self._emit(None, "JSON nesting depth limit exceeded")
-            return
-        self._tokens.append((kind, text))
-        self._size += len(text)
-        # QEMU 7.2 tests bracket_count twice here (and brace_count not at all): kept as is.
-        if (self._brace > 0 or self._bracket > 0) and self._bracket >= 0:
-            return
-        parser = _Parser(self._tokens)
-        try:
-            value = parser.value()
-        except _ParseError as exc:
-            self._emit(None, str(exc))
-        else:
-            self._emit(value, None)
-
-    def _emit(self, value: Any, error: str | None) -> None:
-        size = self._size if error is None else 0
-        self._brace = self._bracket = 0
-        self._tokens = []
-        self._size = 0
-        self._events.append(QEMUJSONEvent(value, error, self._saw_sync, size))
-        if error is None:
-            self._saw_sync = False
-
-
-# =================================================================================================
-# QAPI argument checks (qapi/qobject-input-visitor.c) and GLib's hash table iteration order
-# =================================================================================================
-
-_GLIB_PRIME_MOD: Final = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381,
-                          32749, 65521, 131071, 262139, 524287, 1048573, 2097143, 4194301)
-
-
-class _GHashSet:
-    """Enough of GLib's ``GHashTable`` (2.74) to know which key it iterates first.
-
-    The QAPI input visitor puts the argument names in one, removes each one it visits, and
-    reports the first left over as "Parameter '...' is unexpected".
-    """
-
-    def __init__(self) -> None:
-        self._set_shift(3)
-
-    def _set_shift(self, shift: int) -> None:
-        self.size = 1 << shift
-        self.mod = _GLIB_PRIME_MOD[shift]
-        self.mask = self.size - 1
-        self.hashes = [0] * self.size
-        self.keys: list[str | None] = [None] * self.size
-        self.nnodes = 0
-        self.noccupied = 0
-
-    @staticmethod
-    def _hash(key: str) -> int:
-        value = 5381
-        for byte in _mod_utf8(key):
-            value = (value * 33 + (byte - 256 if byte > 127 else byte)) & 0xFFFFFFFF
-        return value if value >= 2 else 2
-
-    def _lookup(self, key: str) -> int:
-        hv = self._hash(key)
-        index = (hv * 11) % self.mod
-        step = 0
-        tombstone = -1
-        while self.hashes[index] != 0:
-            if self.hashes[index] == hv and self.keys[index] == key:
-                return index
-            if self.hashes[index] == 1 and tombstone < 0:
-                tombstone = index
-            step += 1
-            index = (index + step) & self.mask
-        return tombstone if tombstone >= 0 else index
-
-    def add(self, key: str) -> None:
-        index = self._lookup(key)
-        if self.hashes[index] >= 2:
-            return
-        unused = self.hashes[index] == 0
-        self.hashes[index] = self._hash(key)
-        self.keys[index] = key
-        self.nnodes += 1
-        if unused:
-            self.noccupied += 1
-            self._maybe_resize()
-
-    def discard(self, key: str) -> None:
-        index = self._lookup(key)
-        if self.hashes[index] < 2:
-            return
-        self.hashes[index] = 1
-        self.keys[index] = None
-        self.nnodes -= 1
-        self._maybe_resize()
-
-    def _maybe_resize(self) -> None:
-        if (self.size > self.nnodes * 4 and self.size > 8) or (
-            self.size <= self.noccupied + self.noccupied // 16
-        ):
-            live = [k for k, h in zip(self.keys, self.hashes, strict=True) if h >= 2 and k is not None]
-            self._set_shift(max(int(len(live) * 1.333).bit_length(), 3))
-            for key in live:
-                index = self._lookup(key)
-                self.hashes[index] = self._hash(key)
-                self.keys[index] = key
-                self.nnodes += 1
-                self.noccupied += 1
-
-    def first(self) -> str | None:
-        for key, hv in zip(self.keys, self.hashes, strict=True):
-            if hv >= 2:
-                return key
-        return None
-
-
-# Argument kinds of the QAPI schema subset the fake implements.
-_INT: Final = "int"
-_STR: Final = "str"
-_BOOL: Final = "bool"
-_STR_LIST: Final = "[str]"
-
-_Param = tuple[str, str, bool]  # name, kind, optional
-
-
-def _check_arguments(arguments: Mapping[str, Any], params: Sequence[_Param]) -> dict[str, Any]:
-    """Visit ``arguments`` like the QAPI input visitor; return the present ones.
-
-    Raises:
-        FakeAgentError: the visitor's error for the first bad member, or the first unexpected
-            one in GLib hash table order.
-    """
-    leftover = _GHashSet()
-    for key in _qdict_order(list(arguments)):
-        leftover.add(key)
-    result: dict[str, Any] = {}
-    for name, kind, optional in params:
-        if name not in arguments:
-            if optional:
-                continue
-            raise FakeAgentError(f"Parameter '{name}' is missing")
-        leftover.discard(name)
-        value = arguments[name]
-        if kind == _INT:
-            if not _is_int64(value):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: integer")
-        elif kind == _STR:
-            if not isinstance(value, str):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: string")
-        elif kind == _BOOL:
-            if not isinstance(value, bool):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: boolean")
-        elif kind == _STR_LIST:
-            if not isinstance(value, list):
-                raise FakeAgentError(f"Invalid parameter type for '{name}', expected: array")
-            for i, item in enumerate(value):
-                if not isinstance(item, str):
-                    raise FakeAgentError(
-                        f"Invalid parameter type for '{name}[{i}]', expected: string"
-                    )
-        result[name] = value
-    unexpected = leftover.first()
-    if unexpected is not None:
-        raise FakeAgentError(f"Parameter '{unexpected}' is unexpected")
-    return result
-
-
-def _is_int64(value: Any) -> bool:
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and -(1 << 63) <= value < (1 << 63)
-    )
-
-
-# =================================================================================================
-# Public data types
-# =================================================================================================
-
-
-class FakeAgentError(Exception):
-    """Raised by a command handler (see :meth:`FakeAgent.set_handler`) to answer with an error.
-
-    Attributes:
-        desc: the error description.
-        error_class: the QAPI error class (``"GenericError"`` or ``"CommandNotFound"``).
-    """
-
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
-        super().__init__(f"{error_class}: {desc}")
-        self.desc = desc
-        self.error_class = error_class
-
-
-class AgentFaultKind(str, enum.Enum):
-    """What an :class:`AgentFault` does to the command it hits."""
-
-    DELAY = "delay"
-    """Answer after ``seconds`` (the agent does nothing else meanwhile, like the real one)."""
-    NO_REPLY = "no-reply"
-    """Send no reply; the command takes effect if ``apply``."""
-    DISCONNECT = "disconnect"
-    """Close the client connection instead of (or in the middle of) the reply."""
-    GARBAGE = "garbage"
-    """Send ``data`` instead of the reply."""
-    OVERSIZED = "oversized"
-    """Send ``size`` bytes instead of the reply: no newline, or (``line``) one huge JSON line."""
-    REPLY = "reply"
-    """Answer ``{"return": value}`` (e.g. a value of the wrong type) instead of the real reply."""
-    ERROR = "error"
-    """Answer with the error ``error_class``/``desc`` instead of the real reply."""
-    HANG = "hang"
-    """Stop answering anything until :meth:`FakeAgent.release` (then carry on, this one first)."""
-    CUSTOM = "custom"
-    """Let ``handler`` decide what is sent."""
-
-
 #: A custom fault's handler: takes the message and the agent; returns the bytes to send, a
 #: mapping to send as a JSON reply (formatted like QEMU), or None to send nothing, or an
 #: awaitable of one of these. ``await agent.execute(message)`` runs the real command.
 FaultHandler = Callable[["AgentMessage", "FakeAgent"], Any]
 
-#: A command handler (see :meth:`FakeAgent.set_handler`): takes the ``arguments`` object and
-#: returns the ``return`` value (``None`` for ``{}``) or an awaitable of it; raises
-#: :class:`FakeAgentError` to answer with an error.
-CommandHandler = Callable[[dict[str, Any]], Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AgentFault:
-    """A fault to inject into a command with :meth:`FakeAgent.inject`.
-
-    Make one with the class methods (:meth:`delay`, :meth:`no_reply`, :meth:`disconnect`,
-    :meth:`garbage`, :meth:`oversized`, :meth:`reply`, :meth:`error`, :meth:`hang`,
-    :meth:`custom`) rather than directly.
-
-    Attributes:
-        kind: what the fault does.
-        apply: whether the command still takes effect (e.g. the filesystems do get frozen when
-            a ``guest-fsfreeze-freeze`` reply is lost). Not used by ``DELAY`` and ``CUSTOM``.
-        seconds: the delay, for ``DELAY``.
-        effect_first: for ``DELAY``: the command takes effect at once and only the reply is
-            delayed (default: the command runs after the delay).
-        after_bytes: for ``DISCONNECT``: send this many bytes of the reply first.
-        data: the bytes sent, for ``GARBAGE``.
-        size: the number of bytes sent, for ``OVERSIZED``.
-        line: for ``OVERSIZED``: send one valid JSON line of ``size`` bytes (newline included)
-            instead of ``size`` bytes of an unterminated reply.
-        value: the ``return`` value sent, for ``REPLY``.
-        error_class: the error class sent, for ``ERROR``.
-        desc: the error description sent, for ``ERROR``.
-        handler: the handler, for ``CUSTOM``.
-    """
-
-    kind: AgentFaultKind
-    apply: bool = True
-    seconds: float = 0.0
-    effect_first: bool = False
-    after_bytes: int | None = None
-    data: bytes = b""
-    size: int = 0
-    line: bool = False
-    value: Any = None
-    error_class: str = "GenericError"
-    desc: str = ""
-    handler: FaultHandler | None = None
-
-    @classmethod
-    def delay(cls, seconds: float, *, effect_first: bool = False) -> AgentFault:
-        """Answer after ``seconds``; with ``effect_first`` the command takes effect at once."""
-        if seconds < 0:
-            raise ValueError("seconds must be >= 0")
-        return cls(AgentFaultKind.DELAY, seconds=seconds, effect_first=effect_first)
-
-    @classmethod
-    def no_reply(cls, *, apply: bool = True) -> AgentFault:
-        """Never answer this command; it takes effect if ``apply`` (the reply is lost)."""
-        return cls(AgentFaultKind.NO_REPLY, apply=apply)
-
-    @classmethod
-    def disconnect(cls, *, apply: bool = True, after_bytes: int | None = None) -> AgentFault:
-        """Drop the client connection instead of answering, or after ``after_bytes`` of the reply.
-
-        The agent itself stays up (like QEMU's chardev losing its client): the command takes
-        effect if ``apply``, and requests the agent already received are still processed, their
-        replies kept for the next client like any reply nobody read.
-        """
-        if after_bytes is not None and after_bytes < 0:
-            raise ValueError("after_bytes must be >= 0")
-        return cls(AgentFaultKind.DISCONNECT, apply=apply, after_bytes=after_bytes)
-
-    @classmethod
-    def garbage(
-        cls, data: bytes = b'\x00\x01garbage}{"ret\n', *, apply: bool = True
-    ) -> AgentFault:
-        """Send ``data`` instead of the reply."""
-        return cls(AgentFaultKind.GARBAGE, apply=apply, data=bytes(data))
-
-    @classmethod
-    def oversized(
-        cls, size: int = 2 << 20, *, line: bool = False, apply: bool = True
-    ) -> AgentFault:
-        """Send ``size`` bytes instead of the reply.
-
-        By default an unterminated reply (``{"return": "AAAA...``, no newline); with ``line``
-        one complete JSON line of exactly ``size`` bytes (``{"return": "AAAA..."}\\n``).
-        """
-        if size < 0:
-            raise ValueError("size must be >= 0")
-        return cls(AgentFaultKind.OVERSIZED, apply=apply, size=size, line=line)
-
-    @classmethod
-    def reply(cls, value: Any, *, apply: bool = True) -> AgentFault:
-        """Answer ``{"return": value}`` (``id`` echoed) instead of the real result."""
-        return cls(AgentFaultKind.REPLY, apply=apply, value=value)
-
-    @classmethod
-    def error(
-        cls,
-        desc: str = "injected fault",
-        error_class: str = "GenericError",
-        *,
-        apply: bool = False,
-    ) -> AgentFault:
-        """Answer with an error (``id`` echoed); by default the command does not take effect."""
-        return cls(AgentFaultKind.ERROR, apply=apply, error_class=error_class, desc=desc)
-
-    @classmethod
-    def hang(cls, *, apply: bool = False) -> AgentFault:
-        """Hang the agent at this command: nothing is answered until :meth:`FakeAgent.release`.
-
-        Then this command runs (unless it already did, with ``apply``) and is answered, and the
-        agent carries on with what queued up meanwhile.
-        """
-        return cls(AgentFaultKind.HANG, apply=apply)
-
-    @classmethod
-    def custom(cls, handler: FaultHandler) -> AgentFault:
-        """Let ``handler(message, agent)`` decide what is sent (see :data:`FaultHandler`)."""
-        return cls(AgentFaultKind.CUSTOM, handler=handler)
-
-
-@dataclass(eq=False)
-class AgentInjection:
-    """A fault injected with :meth:`FakeAgent.inject`; a handle to inspect or cancel it.
-
-    Attributes:
-        command: the command it applies to (``"*"``: any command).
-        fault: the fault.
-        call: the one call number it applies to (1-based; for ``"*"``, counted over all
-            commands), or ``None``.
-        remaining: how many more matching calls it applies to (``None``: all of them).
-        fired: how many times it has applied.
-        active: whether it can still apply.
-    """
-
-    command: str
-    fault: AgentFault
-    call: int | None = None
-    remaining: int | None = 1
-    fired: int = 0
-    active: bool = True
-
-    def cancel(self) -> None:
-        """Stop this injection from applying again."""
-        self.active = False
-
-
-@dataclass(frozen=True, slots=True)
-class AgentMessage:
-    """One message the fake agent received: a request, or input it rejected.
-
-    Attributes:
-        command: the ``execute`` member of a well-formed request, else ``None``.
-        arguments: the ``arguments`` object (``{}`` when absent or not a request).
-        id: the ``id`` member, or ``None`` (see ``has_id``).
-        has_id: whether the request had an ``id`` member.
-        time: ``time.monotonic()`` when the agent took it.
-        after_sync_byte: a 0xFF byte came before it (since the previous parsed message).
-        call: for a request, which call of ``command`` it was (1-based), else 0.
-        connection: the number (1-based) of the client connection current when it was
-            processed, or ``None`` if no client was connected.
-        message: the parsed JSON value (``None`` for a parse error).
-        error: why the agent rejected it without running a command (a JSON parse error or a
-            malformed request), else ``None``. Unknown commands and bad arguments are requests.
-        fault: the injected fault that applied to it, if any.
-    """
-
-    command: str | None
-    arguments: dict[str, Any]
-    id: Any
-    has_id: bool
-    time: float
-    after_sync_byte: bool
-    call: int
-    connection: int | None
-    message: Any
-    error: str | None = None
-    fault: AgentFault | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FakeExecResult:
-    """How a program run with ``guest-exec`` ends (see :meth:`FakeAgent.set_exec_result`).
-
-    Attributes:
-        exitcode: the exit status (ignored if ``signal`` is set).
-        signal: the signal that killed it, or ``None``.
-        stdout: what it writes to stdout (reported only with ``capture-output``).
-        stderr: what it writes to stderr (reported only with ``capture-output``).
-        polls: how many ``guest-exec-status`` calls answer ``{"exited": false}`` first.
-        duration: seconds after ``guest-exec`` before it has exited.
-    """
-
-    exitcode: int = 0
-    signal: int | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
-    polls: int = 0
-    duration: float = 0.0
-
-
 #: The former name of :class:`FakeExecResult` (it clashed with :class:`qmpagent.ExecResult`,
 #: the client's result type); kept so existing imports work.
 ExecResult = FakeExecResult
 
-#: A program of the fake guest: an :class:`FakeExecResult`, or a function of ``(args, input bytes)``
-#: returning one.
-ExecProgram = FakeExecResult | Callable[[list[str], bytes], FakeExecResult]
 
-# =================================================================================================
-# The fake agent
-# =================================================================================================
-
-# qemu-ga 7.2 on Linux: commands in its guest-info order, and whether they answer on success.
-_REAL_COMMANDS: Final[tuple[tuple[str, bool], ...]] = (
-    ("guest-get-cpustats", True),
-    ("guest-get-diskstats", True),
-    ("guest-ssh-remove-authorized-keys", True),
-    ("guest-ssh-add-authorized-keys", True),
-    ("guest-ssh-get-authorized-keys", True),
-    ("guest-get-devices", True),
-    ("guest-get-osinfo", True),
-    ("guest-get-timezone", True),
-    ("guest-get-users", True),
-    ("guest-get-host-name", True),
-    ("guest-exec", True),
-    ("guest-exec-status", True),
-    ("guest-get-memory-block-info", True),
-    ("guest-set-memory-blocks", True),
-    ("guest-get-memory-blocks", True),
-    ("guest-set-user-password", True),
-    ("guest-get-fsinfo", True),
-    ("guest-get-disks", True),
-    ("guest-set-vcpus", True),
-    ("guest-get-vcpus", True),
-    ("guest-network-get-interfaces", True),
-    ("guest-suspend-hybrid", False),
-    ("guest-suspend-ram", False),
-    ("guest-suspend-disk", False),
-    ("guest-fstrim", True),
-    ("guest-fsfreeze-thaw", True),
-    ("guest-fsfreeze-freeze-list", True),
-    ("guest-fsfreeze-freeze", True),
-    ("guest-fsfreeze-status", True),
-    ("guest-file-flush", True),
-    ("guest-file-seek", True),
-    ("guest-file-write", True),
-    ("guest-file-read", True),
-    ("guest-file-close", True),
-    ("guest-file-open", True),
-    ("guest-shutdown", False),
-    ("guest-info", True),
-    ("guest-set-time", True),
-    ("guest-get-time", True),
-    ("guest-ping", True),
-    ("guest-sync", True),
-    ("guest-sync-delimited", True),
-)
-
-# qemu-ga 10.0 on Linux (Debian 13, 10.0.13): two commands more, listed first, and the commands
-# Linux does not support (guest-get-devices) are not built in at all since 9.1.
-_REAL_COMMANDS_10_0: Final[tuple[tuple[str, bool], ...]] = (
-    ("guest-network-get-route", True),
-    ("guest-get-load", True),
-    *(c for c in _REAL_COMMANDS if c[0] != "guest-get-devices"),
-)
-
-#: Commands qemu-ga 7.2 and 10.0 keep enabled while frozen (qga/main.c ``ga_freeze_allowlist``).
-FREEZE_ALLOWLIST: Final = frozenset(
-    {
-        "guest-ping",
-        "guest-info",
-        "guest-fsfreeze-status",
-        "guest-fsfreeze-thaw",
-        "guest-sync",
-        "guest-sync-delimited",
-    }
-)
-_FROZEN_REASON: Final = "the agent is in frozen state"
-_ALWAYS_BLOCKED: Final = ("guest-get-devices",)  # not supported on Linux: disabled at startup
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class AgentProfile:
-    """How one real ``qemu-ga`` version behaves where versions differ (each seen on the real
-    agent of that version in the test guest, and checked by the conformance suite).
+class _GuestAttribute(Generic[_T]):
+    """An attribute of :class:`FakeAgent` that its guest model keeps (read and set through
+    the agent, as when it was the agent's own)."""
 
-    Attributes:
-        version: the ``guest-info`` version of the real agent this profile was checked against.
-        commands: the commands in ``guest-info`` order, and whether they answer on success.
-        frozen_reason: the reason in ``"Command X has been disabled: <reason>"`` while frozen.
-        blocked_reason: the reason for a command blocked with ``qemu-ga -b`` (None: no reason).
-        unsupported: commands listed in ``guest-info`` but disabled from start-up because Linux
-            does not support them (7.2); 10.0 does not build them, so they are "not found".
-        wraps_glib_errors: a failed ``guest-exec`` says ``Guest agent command failed, error was
-            '<glib message>'`` (7.2) rather than the glib message alone (10.0).
-        fsinfo_privileged: ``guest-get-fsinfo`` reports ``total-bytes-privileged`` (10.0).
-    """
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self._name = ""
 
-    version: str
-    commands: tuple[tuple[str, bool], ...]
-    frozen_reason: str
-    blocked_reason: str | None
-    unsupported: tuple[str, ...]
-    wraps_glib_errors: bool
-    fsinfo_privileged: bool
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
 
-    def glib_error(self, message: str) -> str:
-        """A failure reported by glib (e.g. spawning a process), as this version words it."""
-        return f"Guest agent command failed, error was '{message}'" if self.wraps_glib_errors else message
+    @overload
+    def __get__(self, obj: None, owner: type) -> _GuestAttribute[_T]: ...
+    @overload
+    def __get__(self, obj: FakeAgent, owner: type) -> _T: ...
+    def __get__(self, obj: FakeAgent | None, owner: type) -> _T | _GuestAttribute[_T]:
+        if obj is None:
+            return self
+        value: _T = getattr(obj._guest, self._name)
+        return value
+
+    def __set__(self, obj: FakeAgent, value: _T) -> None:
+        setattr(obj._guest, self._name, value)
 
 
-#: qemu-ga 7.2.22 (Debian 12) and 10.0.13 (Debian 13), by ``major.minor``.
-AGENT_PROFILES: Final[Mapping[str, AgentProfile]] = {
-    "7.2": AgentProfile(
-        DEFAULT_VERSION, _REAL_COMMANDS, _FROZEN_REASON, None, _ALWAYS_BLOCKED,
-        wraps_glib_errors=True, fsinfo_privileged=False,
-    ),
-    "10.0": AgentProfile(
-        DEBIAN13_VERSION, _REAL_COMMANDS_10_0, "the command is not allowed",
-        "the command is not allowed", (), wraps_glib_errors=False, fsinfo_privileged=True,
-    ),
-}
-
-
-def agent_profile(version: str) -> AgentProfile:
-    """The :class:`AgentProfile` for a ``guest-info`` version: its ``major.minor`` if known,
-    else the newest known profile at or below it (7.2 for anything older)."""
-    def key(v: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in re.findall(r"\d+", v)[:2]) or (0,)
-
-    exact = ".".join(version.split(".")[:2])
-    if exact in AGENT_PROFILES:
-        return AGENT_PROFILES[exact]
-    below = [k for k in AGENT_PROFILES if key(k) <= key(version)]
-    return AGENT_PROFILES[max(below, key=key)] if below else AGENT_PROFILES["7.2"]
-_FILE_MODES: Final = frozenset(
-    {"r", "rb", "w", "wb", "a", "ab", "r+", "rb+", "r+b", "w+", "wb+", "w+b", "a+", "ab+", "a+b"}
-)
-_FILE_READ_DEFAULT: Final = 4096
-_FILE_READ_MAX: Final = 48 << 20
-_FIRST_HANDLE: Final = 1000
-_READ_CHUNK: Final = 4096
-_MAX_COUNTED_NAMES: Final = 4096  # distinct command names whose calls are numbered
-_MAX_OPEN: Final = 1024  # open file handles, and unreaped guest-exec processes
-_MAX_FILE_SIZE: Final = 64 << 20  # a file written through guest-file-write
-_B64_RE: Final = re.compile(r"[A-Za-z0-9+/=]*\Z")
-
-_DEFAULT_OSINFO: Final[Mapping[str, Any]] = {
-    "kernel-release": "6.1.0-13-amd64",
-    "kernel-version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.55-1 (2023-09-29)",
-    "machine": "x86_64",
-    "id": "debian",
-    "name": "Debian GNU/Linux",
-    "pretty-name": "Debian GNU/Linux 12 (bookworm)",
-    "version": "12 (bookworm)",
-    "version-id": "12",
-}
-
-
-@dataclass(eq=False)
-class _Command:
-    name: str
-    success_response: bool
-    params: tuple[_Param, ...] | None  # None: the handler checks its own arguments
-    run: Callable[[dict[str, Any]], Any] | None  # None: not implemented
-
-
-@dataclass(eq=False)
-class _Connection:
-    number: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    closed: bool = False
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass(eq=False)
-class _OpenFile:
-    path: str
-    readable: bool
-    writable: bool
-    append: bool
-    position: int = 0
-    eof: bool = False
-
-
-@dataclass(eq=False)
-class _Process:
-    result: FakeExecResult
-    capture: bool
-    started: float
-    polls_left: int
-
-
-def _b64decode(text: str) -> bytes:
-    if not _B64_RE.match(text):
-        raise FakeAgentError("Base64 data contains invalid characters")
-    try:
-        return base64.b64decode(text + "=" * (-len(text) % 4))
-    except binascii.Error:
-        raise FakeAgentError("Base64 data contains invalid characters") from None
-
-
-class FakeAgent:
+class FakeAgent(AsyncService):
     """A fake ``qemu-ga`` 7.2 behind a fake virtio-serial chardev socket (see the module doc).
 
     ``async with FakeAgent() as agent:`` starts it and closes it (also on error); or call
@@ -1407,6 +221,19 @@ class FakeAgent:
         ValueError: ``max_input`` below 4096.
     """
 
+    # Attributes of the guest, kept by the guest model and read and set through the agent.
+    files: _GuestAttribute[dict[str, bytes]] = _GuestAttribute(
+        "The guest's files for ``guest-file-*``: path -> content. Change it freely."
+    )
+    osinfo: _GuestAttribute[dict[str, Any]] = _GuestAttribute("The ``guest-get-osinfo`` result.")
+    host_name: _GuestAttribute[str] = _GuestAttribute("The ``guest-get-host-name`` result.")
+    total_frozen: _GuestAttribute[int] = _GuestAttribute(
+        "Filesystems frozen by the agent's freeze commands, added up."
+    )
+    total_thawed: _GuestAttribute[int] = _GuestAttribute(
+        "Filesystems thawed by the agent's thaw command (and failed freezes), added up."
+    )
+
     def __init__(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -1428,96 +255,57 @@ class FakeAgent:
         max_records: int = 100_000,
         max_record_bytes: int = 64 << 20,
     ) -> None:
-        if max_input < _READ_CHUNK:
-            raise ValueError(f"max_input must be at least {_READ_CHUNK}")
-        self._path_arg = Path(path) if path is not None and host is None else None
-        self._host = host
-        self._port = port
-        self._mounts = list(dict.fromkeys(mountpoints))
-        #: The guest's files for ``guest-file-*``: path -> content. Change it freely.
-        self.files: dict[str, bytes] = dict(files or {})
-        self._programs: dict[str, ExecProgram] = dict(programs or {})
-        #: The ``guest-get-osinfo`` result.
-        self.osinfo: dict[str, Any] = dict(osinfo if osinfo is not None else _DEFAULT_OSINFO)
-        #: The ``guest-get-host-name`` result.
-        self.host_name = host_name
+        if max_input < READ_CHUNK:
+            raise ValueError(f"max_input must be at least {READ_CHUNK}")
         #: The ``guest-info`` version.
         self.version = version
         #: The real agent version the fake behaves like.
         self.profile = agent_profile(version)
-        self._on_port_change = on_port_change
-        self._on_shutdown = on_shutdown
-        self._on_suspend = on_suspend
-        self._max_input = max_input
-
-        # Commands, enabled state
-        self._commands: dict[str, _Command] = {}
-        self._command_order: list[str] = []  # guest-info order
-        self._install_builtins()
-        self._blocked = set(self.profile.unsupported) | set(blocked_commands)
-        self._disabled: dict[str, str | None] = {
-            name: None if name in self.profile.unsupported else self.profile.blocked_reason
-            for name in self._blocked
-        }
-
-        # Guest state
-        self._agent_frozen = False
-        self._fs_owner: dict[str, str] = {}  # mountpoint -> "agent" | "foreign"
-        self._freeze_errors: dict[str, str] = {}
-        self._handles: dict[int, _OpenFile] = {}
-        self._next_handle = _FIRST_HANDLE
-        self._processes: dict[int, _Process] = {}
-        self._next_pid = 1000
-        #: Filesystems frozen by the agent's freeze commands, added up.
-        self.total_frozen = 0
-        #: Filesystems thawed by the agent's thaw command (and failed freezes), added up.
-        self.total_thawed = 0
+        self._callbacks = AgentCallbacks(on_port_change, on_shutdown, on_suspend)
+        # The layers: the guest (state and effects), the command table over it, the protocol
+        # engine (bytes -> requests, replies -> bytes) and the chardev (the socket).
+        self._guest = GuestModel(
+            mountpoints=mountpoints, files=files, programs=programs, osinfo=osinfo,
+            host_name=host_name, profile=self.profile,
+            on_frozen_change=lambda frozen: self._commands.set_frozen(frozen),
+        )
+        self._engine = AgentEngine(
+            max_input=max_input, max_records=max_records, max_record_bytes=max_record_bytes
+        )
+        self._commands = CommandTable(
+            self.profile,
+            builtin_commands(
+                self._guest, info=lambda: self._commands.info(self.version),
+                delimit=self._engine.delimit, suspend=self._suspend,
+            ),
+            blocked_commands,
+        )
+        self._changes = Changes()
+        self._chardev = Chardev(
+            self._changes, port_open=lambda: self._port_open, path=path, host=host, port=port,
+            max_input=max_input,
+        )
+        self._faults = AgentFaultRunner(
+            agent=self, execute=self.execute, send=self._send, encode=self._engine.encode,
+            current=lambda generation: generation == self._generation,
+            connected=lambda: self._chardev.connected, drop_client=self._chardev.drop_client,
+            changes=self._changes,
+        )
         #: Whether a ``guest-shutdown`` succeeded (stays set; see :attr:`shutdown_mode`).
         self.shut_down = False
         #: The mode of the last successful ``guest-shutdown``, or ``None``.
         self.shutdown_mode: str | None = None
-        self._suspended: str | None = None
-        self._pending_shutdown: str | None = None
-
-        # Agent and chardev machinery
         self._port_open = port_open
         self._generation = 0  # bumped whenever the agent "restarts" (port closed)
-        self._parser = self._new_parser()
-        self._delimit_next = False
-        self._inbuf = bytearray()  # client bytes not yet read by the agent
-        self._stash = bytearray()  # replies waiting for the next client
-        self._conn: _Connection | None = None
-        self._connection_count = 0
-        self._injections: list[AgentInjection] = []
-        self._release_epoch = 0
-        self._hung = False
         self._busy = False
-
-        # Record
-        self._records: deque[tuple[AgentMessage, int]] = deque()
-        self._record_bytes = 0
-        self._max_records = max_records
-        self._max_record_bytes = max_record_bytes
-        self._call_counts: Counter[str] = Counter()
-        self._total_calls = 0
-
-        # Server
-        self._server: asyncio.AbstractServer | None = None
-        self._tmpdir: Path | None = None
-        self._socket_path: Path | None = None
-        self._address: str | tuple[str, int] | None = None
-        self._client_lock = asyncio.Lock()
-        self._changed = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._agent_task: asyncio.Task[None] | None = None
-        self._callback_task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
 
     def __repr__(self) -> str:
         return (
-            f"<FakeAgent {self._address!r} port_open={self._port_open} "
-            f"frozen={self._agent_frozen} calls={self._total_calls}>"
+            f"<FakeAgent {self._chardev.address!r} port_open={self._port_open} "
+            f"frozen={self._guest.frozen} calls={self._engine.total_calls}>"
         )
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -1533,27 +321,12 @@ class FakeAgent:
             raise RuntimeError("FakeAgent.start() may be called once")
         self._started = True
         try:
-            if self._host is not None:
-                self._server = await asyncio.start_server(
-                    self._on_client, self._host, self._port, limit=_READ_CHUNK
-                )
-                sockname = self._server.sockets[0].getsockname()
-                self._address = (str(sockname[0]), int(sockname[1]))
-            else:
-                if self._path_arg is None:
-                    self._tmpdir = Path(tempfile.mkdtemp(prefix="qmpagent-fake-agent-"))
-                    self._socket_path = self._tmpdir / "qga.sock"
-                else:
-                    self._socket_path = self._path_arg
-                self._server = await asyncio.start_unix_server(
-                    self._on_client, path=str(self._socket_path), limit=_READ_CHUNK
-                )
-                self._address = str(self._socket_path)
+            await self._chardev.start()
         except BaseException:
             await self.close()
             raise
         self._agent_task = asyncio.create_task(self._agent_loop(), name="fake-qemu-ga")
-        log.debug("fake agent listening on %s", self._address)
+        log.debug("fake agent listening on %s", self._chardev.address)
 
     async def close(self) -> None:
         """Stop: drop the client, stop the agent, remove the socket (and its temporary directory).
@@ -1563,41 +336,14 @@ class FakeAgent:
         if self._closed:
             return
         self._closed = True
-        if self._server is not None:
-            self._server.close()
-        own = [t for t in (self._agent_task, self._callback_task) if t is not None]
-        for task in own:
-            task.cancel()
-        await asyncio.gather(*own, return_exceptions=True)
+        self._chardev.stop_listening()
+        if self._agent_task is not None:
+            self._agent_task.cancel()
+            await asyncio.gather(self._agent_task, return_exceptions=True)
+        await self._callbacks.close()
         # Client handlers are not cancelled (asyncio's stream callback logs an error for a
         # cancelled handler task before Python 3.12): their connection is closed and they end.
-        if self._conn is not None:
-            self._close_connection(self._conn)
-        self._notify()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=5.0)
-            for task in pending:  # pragma: no cover - defensive
-                task.cancel()
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5.0)
-        if self._server is not None and self._socket_path is not None and self._tmpdir is None:
-            with contextlib.suppress(FileNotFoundError):
-                self._socket_path.unlink()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-    async def __aenter__(self) -> FakeAgent:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+        await self._chardev.close()
 
     # ---------------------------------------------------------------------------- properties
 
@@ -1608,14 +354,15 @@ class FakeAgent:
         Raises:
             RuntimeError: not started.
         """
-        if self._address is None:
+        address = self._chardev.address
+        if address is None:
             raise RuntimeError("the FakeAgent is not started")
-        return self._address
+        return address
 
     @property
     def path(self) -> str | None:
         """The unix socket path (``None`` for TCP or before :meth:`start`)."""
-        return str(self._socket_path) if self._socket_path is not None else None
+        return self._chardev.socket_path
 
     @property
     def port_open(self) -> bool:
@@ -1625,76 +372,71 @@ class FakeAgent:
     @property
     def connected(self) -> bool:
         """Whether a client is connected (and being served)."""
-        return self._conn is not None and not self._conn.closed
+        return self._chardev.connected
 
     @property
     def connections(self) -> int:
         """How many client connections have been served so far."""
-        return self._connection_count
+        return self._chardev.connection_count
 
     @property
     def frozen(self) -> bool:
         """The agent's frozen state: what ``guest-fsfreeze-status`` reports."""
-        return self._agent_frozen
+        return self._guest.frozen
 
     @property
     def frozen_mountpoints(self) -> list[str]:
         """Mountpoints frozen now, by the agent or by another tool, in mount order."""
-        return [mp for mp in self._mounts if mp in self._fs_owner]
+        return self._guest.frozen_mountpoints
 
     @property
     def foreign_frozen(self) -> list[str]:
         """Mountpoints frozen now by another tool in the guest (see :meth:`freeze_foreign`)."""
-        return [mp for mp in self._mounts if self._fs_owner.get(mp) == "foreign"]
+        return self._guest.foreign_frozen
 
     @property
     def mountpoints(self) -> list[str]:
         """The guest's freezable filesystems."""
-        return list(self._mounts)
+        return list(self._guest.mounts)
 
     @property
     def suspended(self) -> str | None:
         """The suspend mode (``"disk"``, ``"ram"``, ``"hybrid"``) while suspended, else ``None``."""
-        return self._suspended
+        return self._guest.suspended
 
     @property
     def hung(self) -> bool:
         """Whether the agent is hung by an :meth:`AgentFault.hang` fault."""
-        return self._hung
+        return self._faults.hung
 
     @property
     def buffered(self) -> int:
         """Bytes received from clients that the agent has not read yet (at most ``max_input``
         plus one read)."""
-        return len(self._inbuf)
+        return self._chardev.buffered
 
     @property
     def undelivered(self) -> int:
         """Bytes of replies waiting for the next client (produced while none was connected;
         at most ``max_input``, newer ones beyond that are dropped)."""
-        return len(self._stash)
+        return self._chardev.undelivered
 
     @property
     def received(self) -> list[AgentMessage]:
         """Everything received (requests and rejected input), oldest first."""
-        return [m for m, _ in self._records]
+        return self._engine.received
 
     def calls(self, command: str | None = None) -> list[AgentMessage]:
         """The requests received (with a valid ``execute``), optionally only of ``command``."""
-        return [
-            m
-            for m, _ in self._records
-            if m.command is not None and (command is None or m.command == command)
-        ]
+        return self._engine.calls(command)
 
     def call_count(self, command: str | None = None) -> int:
         """How many requests of ``command`` (or of any command) were received in total."""
-        return self._total_calls if command is None else self._call_counts[command]
+        return self._engine.call_count(command)
 
     def clear_received(self) -> None:
         """Forget the record (:attr:`received`); call numbers keep counting."""
-        self._records.clear()
-        self._record_bytes = 0
+        self._engine.clear_received()
 
     async def wait_for_call(
         self, command: str | None = None, count: int = 1, timeout: float | None = 5.0
@@ -1712,7 +454,7 @@ class FakeAgent:
             return self.call_count(command) >= count
 
         try:
-            await asyncio.wait_for(self._wait_until(done), timeout)
+            await asyncio.wait_for(self._changes.wait_until(done), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"{count} call(s) of {command or 'any command'} not received in {timeout}s "
@@ -1727,7 +469,7 @@ class FakeAgent:
     def idle(self) -> bool:
         """Whether the agent has answered everything it can now (nothing buffered or in
         progress, or its port is closed, or the guest is suspended)."""
-        return not self._busy and (not self._inbuf or not self._runnable())
+        return not self._busy and (not self._chardev.buffered or not self._runnable())
 
     async def wait_idle(self, timeout: float | None = 5.0) -> None:
         """Wait until :attr:`idle`.
@@ -1739,7 +481,7 @@ class FakeAgent:
             TimeoutError: not within ``timeout`` seconds (e.g. the agent is hung).
         """
         try:
-            await asyncio.wait_for(self._wait_until(lambda: self.idle), timeout)
+            await asyncio.wait_for(self._changes.wait_until(lambda: self.idle), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(f"the fake agent is still busy after {timeout}s") from None
 
@@ -1753,8 +495,8 @@ class FakeAgent:
         if self._port_open:
             return
         self._port_open = True
-        self._fire(self._on_port_change, True)
-        self._notify()
+        self._callbacks.port_changed(True)
+        self._changes.notify()
 
     def close_port(self) -> None:
         """Close the agent's port (the agent stops): requests are held, nothing is answered.
@@ -1766,23 +508,19 @@ class FakeAgent:
             return
         self._port_open = False
         self._restart_agent()
-        self._fire(self._on_port_change, False)
-        self._notify()
+        self._callbacks.port_changed(False)
+        self._changes.notify()
 
     def wakeup(self) -> None:
         """Wake the guest from ``guest-suspend-*``: the agent answers again."""
-        self._suspended = None
-        self._notify()
+        self._guest.suspended = None
+        self._changes.notify()
 
     async def drop_connection(self) -> None:
         """Close the current client connection (as if the chardev lost its client)."""
-        conn = self._conn
-        if conn is not None:
-            self._close_connection(conn)
-            with contextlib.suppress(Exception):
-                await conn.writer.wait_closed()
+        await self._chardev.drop_connection()
 
-    # ---------------------------------------------------------------------------- freeze model
+    # ---------------------------------------------------------------------------- guest state
 
     def set_frozen(self, frozen: bool = True) -> None:
         """Put the guest in the state of being frozen through the agent by someone else.
@@ -1791,14 +529,7 @@ class FakeAgent:
         frozen state (``guest-fsfreeze-status`` says ``"frozen"``, most commands are disabled).
         ``False``: the agent's freezes are thawed and the agent leaves frozen state.
         """
-        if frozen:
-            for mp in self._mounts:
-                self._fs_owner.setdefault(mp, "agent")
-            self._set_agent_frozen(True)
-        else:
-            for mp in [m for m, owner in self._fs_owner.items() if owner == "agent"]:
-                del self._fs_owner[mp]
-            self._set_agent_frozen(False)
+        self._guest.set_frozen(frozen)
 
     def freeze_foreign(self, mountpoint: str) -> None:
         """Freeze ``mountpoint`` from inside the guest with another tool (``fsfreeze -f``).
@@ -1810,8 +541,7 @@ class FakeAgent:
         Raises:
             ValueError: not one of :attr:`mountpoints`.
         """
-        self._check_mountpoint(mountpoint)
-        self._fs_owner.setdefault(mountpoint, "foreign")
+        self._guest.freeze_foreign(mountpoint)
 
     def thaw_foreign(self, mountpoint: str) -> None:
         """Thaw ``mountpoint`` from inside the guest with another tool (``fsfreeze -u``).
@@ -1821,8 +551,7 @@ class FakeAgent:
         Raises:
             ValueError: not one of :attr:`mountpoints`.
         """
-        self._check_mountpoint(mountpoint)
-        self._fs_owner.pop(mountpoint, None)
+        self._guest.thaw_foreign(mountpoint)
 
     def set_freeze_error(self, mountpoint: str, strerror: str | None = "Input/output error") -> None:
         """Make freezing ``mountpoint`` fail (``None``: work again).
@@ -1833,62 +562,7 @@ class FakeAgent:
         Raises:
             ValueError: not one of :attr:`mountpoints`.
         """
-        self._check_mountpoint(mountpoint)
-        if strerror is None:
-            self._freeze_errors.pop(mountpoint, None)
-        else:
-            self._freeze_errors[mountpoint] = strerror
-
-    def _check_mountpoint(self, mountpoint: str) -> None:
-        if mountpoint not in self._mounts:
-            raise ValueError(f"{mountpoint!r} is not a mountpoint of this fake guest")
-
-    def _set_agent_frozen(self, frozen: bool) -> None:
-        # ga_set_frozen() / ga_unset_frozen() with their enable/disable walks
-        if frozen == self._agent_frozen:
-            return
-        self._agent_frozen = frozen
-        if frozen:
-            for name in self._commands:
-                if name not in FREEZE_ALLOWLIST:
-                    self._disabled[name] = self.profile.frozen_reason
-        else:
-            # Blocked commands stay disabled, with the frozen reason (as in qemu-ga 7.2).
-            for name in list(self._disabled):
-                if name not in self._blocked:
-                    del self._disabled[name]
-
-    def _freeze(self, only: list[str] | None) -> int:
-        self._set_agent_frozen(True)
-        count = 0
-        try:
-            for mp in reversed(self._mounts):
-                if only is not None and mp not in only:
-                    continue
-                error = self._freeze_errors.get(mp)
-                if error is not None:
-                    raise FakeAgentError(f"failed to freeze {mp}: {error}")
-                if mp in self._fs_owner:
-                    continue  # EBUSY: frozen already, ignored and not counted
-                self._fs_owner[mp] = "agent"
-                count += 1
-        except FakeAgentError:
-            self.total_frozen += count
-            self._thaw()
-            raise
-        self.total_frozen += count
-        if count == 0:
-            self._set_agent_frozen(False)
-        return count
-
-    def _thaw(self) -> int:
-        count = 0
-        for mp in self._mounts:
-            if self._fs_owner.pop(mp, None) is not None:
-                count += 1
-        self._set_agent_frozen(False)
-        self.total_thawed += count
-        return count
+        self._guest.set_freeze_error(mountpoint, strerror)
 
     # ---------------------------------------------------------------------------- commands
 
@@ -1910,16 +584,12 @@ class FakeAgent:
             handler: see :data:`CommandHandler`.
             success_response: ``False`` for a command that sends no reply when it succeeds.
         """
-        if command not in self._commands:
-            self._command_order.insert(0, command)
-            if self._agent_frozen and command not in FREEZE_ALLOWLIST:
-                self._disabled[command] = self.profile.frozen_reason
-        self._commands[command] = _Command(command, success_response, None, handler)
+        self._commands.set_handler(command, handler, success_response=success_response)
 
     def set_exec_result(self, path: str, program: ExecProgram) -> None:
         """Set what running ``path`` with ``guest-exec`` does (an :class:`FakeExecResult`, or a
         function of ``(args, input bytes)`` returning one)."""
-        self._programs[path] = program
+        self._guest.programs[path] = program
 
     async def execute(self, message: AgentMessage) -> dict[str, Any] | None:
         """Run the request ``message`` as the agent does; return its reply object.
@@ -1928,292 +598,14 @@ class FakeAgent:
         reply (``guest-shutdown``, ``guest-suspend-*``). The command takes effect. For custom
         fault handlers (:meth:`AgentFault.custom`).
         """
-        assert message.command is not None, "not a request"
-        name = message.command
-        reply: dict[str, Any]
-        command = self._commands.get(name)
-        try:
-            if command is None:
-                raise FakeAgentError(f"The command {name} has not been found", "CommandNotFound")
-            if name in self._disabled:
-                reason = self._disabled[name]
-                raise FakeAgentError(
-                    f"Command {name} has been disabled" + (f": {reason}" if reason else ""),
-                    "CommandNotFound",
-                )
-            if command.run is None:
-                raise FakeAgentError("this feature or command is not currently supported")
-            arguments = message.arguments
-            if command.params is not None:
-                arguments = _check_arguments(arguments, command.params)
-            result = command.run(arguments)
-            if inspect.isawaitable(result):
-                result = await result
-        except FakeAgentError as exc:
-            reply = {"error": {"class": exc.error_class, "desc": exc.desc}}
-        except Exception as exc:
-            log.exception("fake agent: handler of %s failed", name)
-            reply = {"error": {"class": "GenericError", "desc": f"fake agent handler failed: {exc!r}"}}
-        else:
-            if not command.success_response:
-                return None
-            reply = {"return": {} if result is None else result}
-        if message.has_id:
-            reply["id"] = message.id
-        return reply
-
-    def _install_builtins(self) -> None:
-        builtins: dict[str, tuple[tuple[_Param, ...], Callable[[dict[str, Any]], Any]]] = {
-            "guest-sync-delimited": ((("id", _INT, False),), self._cmd_sync_delimited),
-            "guest-sync": ((("id", _INT, False),), lambda a: a["id"]),
-            "guest-ping": ((), lambda a: None),
-            "guest-info": ((), self._cmd_info),
-            "guest-get-time": ((), lambda a: time.time_ns() // 1000 * 1000),
-            "guest-fsfreeze-status": (
-                (),
-                lambda a: "frozen" if self._agent_frozen else "thawed",
-            ),
-            "guest-fsfreeze-freeze": ((), lambda a: self._freeze(None)),
-            "guest-fsfreeze-freeze-list": (
-                (("mountpoints", _STR_LIST, True),),
-                lambda a: self._freeze(a.get("mountpoints")),
-            ),
-            "guest-fsfreeze-thaw": ((), lambda a: self._thaw()),
-            "guest-get-osinfo": ((), lambda a: dict(self.osinfo)),
-            "guest-get-fsinfo": ((), self._cmd_fsinfo),
-            "guest-get-host-name": ((), lambda a: {"host-name": self.host_name}),
-            "guest-get-timezone": ((), lambda a: {"zone": "UTC", "offset": 0}),
-            "guest-get-users": ((), lambda a: []),
-            "guest-shutdown": ((("mode", _STR, True),), self._cmd_shutdown),
-            "guest-suspend-disk": ((), lambda a: self._cmd_suspend("disk")),
-            "guest-suspend-ram": ((), lambda a: self._cmd_suspend("ram")),
-            "guest-suspend-hybrid": ((), lambda a: self._cmd_suspend("hybrid")),
-            "guest-exec": (
-                (
-                    ("path", _STR, False),
-                    ("arg", _STR_LIST, True),
-                    ("env", _STR_LIST, True),
-                    ("input-data", _STR, True),
-                    ("capture-output", _BOOL, True),
-                ),
-                self._cmd_exec,
-            ),
-            "guest-exec-status": ((("pid", _INT, False),), self._cmd_exec_status),
-            "guest-file-open": (
-                (("path", _STR, False), ("mode", _STR, True)),
-                self._cmd_file_open,
-            ),
-            "guest-file-read": (
-                (("handle", _INT, False), ("count", _INT, True)),
-                self._cmd_file_read,
-            ),
-            "guest-file-write": (
-                (("handle", _INT, False), ("buf-b64", _STR, False), ("count", _INT, True)),
-                self._cmd_file_write,
-            ),
-            "guest-file-close": ((("handle", _INT, False),), self._cmd_file_close),
-        }
-        for name, success in self.profile.commands:
-            spec = builtins.get(name)
-            self._commands[name] = _Command(
-                name, success, spec[0] if spec else None, spec[1] if spec else None
-            )
-            self._command_order.append(name)
-
-    def _cmd_sync_delimited(self, arguments: dict[str, Any]) -> Any:
-        self._delimit_next = True
-        return arguments["id"]
-
-    def _cmd_info(self, arguments: dict[str, Any]) -> Any:
-        return {
-            "version": self.version,
-            "supported_commands": [
-                {
-                    "name": name,
-                    "enabled": name not in self._disabled,
-                    "success-response": self._commands[name].success_response,
-                }
-                for name in self._command_order
-            ],
-        }
-
-    def _cmd_fsinfo(self, arguments: dict[str, Any]) -> Any:
-        # 10.0 adds the size including the blocks reserved for root (5% of ext4's 50 MiB here).
-        privileged = {"total-bytes-privileged": 57381888} if self.profile.fsinfo_privileged else {}
-        return [
-            {
-                "name": f"vd{chr(ord('a') + i)}" if i < 26 else f"vd{i}",
-                "mountpoint": mp,
-                "type": "ext4",
-                "used-bytes": 23552,
-                "total-bytes": 52685824,
-                **privileged,
-                "disk": [
-                    {
-                        "pci-controller": {"domain": 0, "bus": 0, "slot": 2 + i, "function": 0},
-                        "bus-type": "virtio",
-                        "bus": 0,
-                        "target": 0,
-                        "unit": 0,
-                        "dev": f"/dev/vd{chr(ord('a') + i)}" if i < 26 else f"/dev/vd{i}",
-                    }
-                ],
-            }
-            for i, mp in enumerate(self._mounts)
-        ]
-
-    def _cmd_shutdown(self, arguments: dict[str, Any]) -> Any:
-        mode = arguments.get("mode", "powerdown")
-        if mode not in ("powerdown", "halt", "reboot"):
-            # sic: qemu-ga 7.2's message lacks the closing parenthesis
-            raise FakeAgentError("mode is invalid (valid values are: halt|powerdown|reboot")
-        self._pending_shutdown = mode
-        return None
-
-    def _cmd_suspend(self, mode: str) -> Any:
-        self._suspended = mode
-        self._fire(self._on_suspend, mode)
-        return None
-
-    def _find_program(self, path: str) -> ExecProgram | None:
-        candidates = [path] if "/" in path else [f"/usr/bin/{path}", f"/bin/{path}", path]
-        for candidate in candidates:
-            if candidate in self._programs:
-                return self._programs[candidate]
-        for candidate in candidates:
-            base = candidate.rsplit("/", 1)[-1]
-            if candidate in (f"/bin/{base}", f"/usr/bin/{base}"):
-                builtin = _BUILTIN_PROGRAMS.get(base)
-                if builtin is not None:
-                    return builtin
-        return None
-
-    def _cmd_exec(self, arguments: dict[str, Any]) -> Any:
-        path = arguments["path"]
-        stdin = _b64decode(arguments["input-data"]) if "input-data" in arguments else b""
-        program = self._find_program(path)
-        if len(self._processes) >= _MAX_OPEN:
-            raise FakeAgentError(
-                self.profile.glib_error("Failed to fork (Resource temporarily unavailable)")
-            )
-        if program is None:
-            raise FakeAgentError(self.profile.glib_error(
-                f"Failed to execute child process \u201c{path}\u201d (No such file or directory)"
-            ))
-        result = program if isinstance(program, FakeExecResult) else program(
-            list(arguments.get("arg", [])), stdin
-        )
-        pid = self._next_pid
-        self._next_pid += 1
-        self._processes[pid] = _Process(
-            result, bool(arguments.get("capture-output", False)), time.monotonic(), result.polls
-        )
-        return {"pid": pid}
-
-    def _cmd_exec_status(self, arguments: dict[str, Any]) -> Any:
-        pid = arguments["pid"]
-        process = self._processes.get(pid)
-        if process is None:
-            raise FakeAgentError("Invalid parameter 'pid'")
-        result = process.result
-        if process.polls_left > 0 or time.monotonic() < process.started + result.duration:
-            process.polls_left = max(0, process.polls_left - 1)
-            return {"exited": False}
-        del self._processes[pid]
-        status: dict[str, Any] = {"exited": True}
-        if result.signal is not None:
-            status["signal"] = result.signal
-        else:
-            status["exitcode"] = result.exitcode
-        if process.capture and result.stdout:
-            status["out-data"] = base64.b64encode(result.stdout).decode()
-            status["out-truncated"] = False
-        if process.capture and result.stderr:
-            status["err-data"] = base64.b64encode(result.stderr).decode()
-            status["err-truncated"] = False
-        return status
-
-    def _cmd_file_open(self, arguments: dict[str, Any]) -> Any:
-        path = arguments["path"]
-        mode = arguments.get("mode", "r")
-        if mode not in _FILE_MODES:
-            raise FakeAgentError(f"invalid file open mode '{mode}'")
-        plus = "+" in mode
-        if len(self._handles) >= _MAX_OPEN:
-            raise FakeAgentError(
-                f"failed to open file '{path}' (mode: '{mode}'): Too many open files"
-            )
-        if mode[0] == "r" and path not in self.files:
-            raise FakeAgentError(
-                f"failed to open file '{path}' (mode: '{mode}'): No such file or directory"
-            )
-        if mode[0] == "w":
-            self.files[path] = b""
-        elif mode[0] == "a":
-            self.files.setdefault(path, b"")
-        handle = self._next_handle
-        self._next_handle += 1
-        self._handles[handle] = _OpenFile(
-            path, readable=mode[0] == "r" or plus, writable=mode[0] != "r" or plus,
-            append=mode[0] == "a",
-        )
-        return handle
-
-    def _open_file(self, handle: int) -> _OpenFile:
-        open_file = self._handles.get(handle)
-        if open_file is None:
-            raise FakeAgentError(f"handle '{handle}' has not been found")
-        return open_file
-
-    def _cmd_file_read(self, arguments: dict[str, Any]) -> Any:
-        open_file = self._open_file(arguments["handle"])
-        count = arguments.get("count", _FILE_READ_DEFAULT)
-        if count < 0 or count > _FILE_READ_MAX:
-            raise FakeAgentError(f"value '{count}' is invalid for argument count")
-        if not open_file.readable:
-            raise FakeAgentError("failed to read file: Bad file descriptor")
-        content = self.files.get(open_file.path, b"")
-        data = content[open_file.position : open_file.position + count]
-        open_file.position += len(data)
-        if len(data) < count:
-            open_file.eof = True
-        return {
-            "count": len(data),
-            "buf-b64": base64.b64encode(data).decode(),
-            "eof": open_file.eof,
-        }
-
-    def _cmd_file_write(self, arguments: dict[str, Any]) -> Any:
-        open_file = self._open_file(arguments["handle"])
-        data = _b64decode(arguments["buf-b64"])
-        count = arguments.get("count", len(data))
-        if count < 0 or count > len(data):
-            raise FakeAgentError(f"value '{count}' is invalid for argument count")
-        if not open_file.writable:
-            raise FakeAgentError("failed to write to file: Bad file descriptor")
-        content = self.files.get(open_file.path, b"")
-        position = len(content) if open_file.append else open_file.position
-        if max(position + count, len(content)) > _MAX_FILE_SIZE:
-            raise FakeAgentError("failed to write to file: No space left on device")
-        content = content[:position].ljust(position, b"\x00") + data[:count] + content[
-            position + count :
-        ]
-        self.files[open_file.path] = content
-        open_file.position = position + count
-        return {"count": count, "eof": False}
-
-    def _cmd_file_close(self, arguments: dict[str, Any]) -> Any:
-        handle = arguments["handle"]
-        self._open_file(handle)
-        del self._handles[handle]
-        return None
+        return await self._commands.execute(message)
 
     # ---------------------------------------------------------------------------- faults
 
     def inject(
         self,
         command: str,
-        fault: AgentFault,
+        fault: Fault,
         *,
         call: int | None = None,
         times: int | None = 1,
@@ -2231,203 +623,57 @@ class FakeAgent:
         The first active injection that matches a call applies; each call gets at most one.
 
         Raises:
-            ValueError: ``call`` or ``times`` below 1.
+            ValueError: ``call`` or ``times`` below 1, or a fault kind the agent does not
+                model (the QMP-only job kinds).
         """
-        if call is not None and call < 1:
-            raise ValueError("call must be >= 1")
-        if times is not None and times < 1:
-            raise ValueError("times must be >= 1 or None")
-        injection = AgentInjection(command, fault, call, None if call is not None else times)
-        self._injections.append(injection)
-        return injection
+        return self._engine.faults.add(command, fault, call=call, times=times)
 
     def clear_faults(self, command: str | None = None) -> None:
         """Remove the injected faults (of ``command`` only, if given) and :meth:`release` a hang."""
-        for injection in self._injections:
-            if command is None or injection.command == command:
-                injection.active = False
-        self._injections = [i for i in self._injections if i.active]
+        self._engine.faults.clear(command)
         self.release()
 
     def release(self) -> None:
         """End a hang (:meth:`AgentFault.hang`): the agent answers again."""
-        self._release_epoch += 1
-        self._notify()
+        self._faults.release()
 
     @property
     def injections(self) -> list[AgentInjection]:
         """The injections that can still apply."""
-        return [i for i in self._injections if i.active]
+        return self._engine.faults.active
 
-    def _take_injection(self, command: str, call: int, total: int) -> AgentInjection | None:
-        for injection in self._injections:
-            if not injection.active or injection.command not in (command, "*"):
-                continue
-            number = total if injection.command == "*" else call
-            if injection.call is not None and injection.call != number:
-                continue
-            injection.fired += 1
-            if injection.call is not None:
-                injection.active = False
-            elif injection.remaining is not None:
-                injection.remaining -= 1
-                if injection.remaining <= 0:
-                    injection.active = False
-            self._injections = [i for i in self._injections if i.active]
-            return injection
-        return None
+    # ---------------------------------------------------------------------------- the agent
 
-    # ---------------------------------------------------------------------------- machinery
-
-    def _new_parser(self) -> QEMUJSONStreamParser:
-        return QEMUJSONStreamParser(max_message_size=self._max_input, max_tokens=65536)
+    def _suspend(self, mode: str) -> None:
+        self._guest.suspend(mode)
+        self._callbacks.suspended(mode)
 
     def _restart_agent(self) -> None:
         self._generation += 1
-        self._parser = self._new_parser()
-        self._inbuf.clear()
-        self._delimit_next = False
-        self._suspended = None
+        self._engine.restart()
+        self._chardev.clear_input()
+        self._guest.suspended = None
 
     def _runnable(self) -> bool:
-        return self._port_open and self._suspended is None
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _wait_until(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self._changed.wait()
-
-    def _fire(self, callback: Callable[..., object] | None, *args: Any) -> None:
-        if callback is None:
-            return
-        try:
-            result = callback(*args)
-        except Exception:
-            log.exception("fake agent: callback %r failed", callback)
-            return
-        if not inspect.isawaitable(result):
-            return
-        previous = self._callback_task
-
-        async def run(awaitable: Awaitable[object]) -> None:
-            if previous is not None:
-                with contextlib.suppress(Exception):
-                    await previous
-            try:
-                await awaitable
-            except Exception:
-                log.exception("fake agent: callback %r failed", callback)
-
-        try:
-            self._callback_task = asyncio.ensure_future(run(result))
-        except RuntimeError:  # no running loop
-            if inspect.iscoroutine(result):
-                result.close()
-            log.warning("fake agent: async callback %r called outside the event loop", callback)
-
-    def _record(self, message: AgentMessage, size: int) -> None:
-        self._records.append((message, size))
-        self._record_bytes += size
-        while self._records and (
-            len(self._records) > self._max_records or self._record_bytes > self._max_record_bytes
-        ):
-            self._record_bytes -= self._records.popleft()[1]
-        self._notify()
-
-    def _encode(self, reply: Mapping[str, Any]) -> bytes:
-        data = qemu_json(reply).encode("ascii") + b"\n"
-        if self._delimit_next:
-            self._delimit_next = False
-            data = b"\xff" + data
-        return data
+        return self._port_open and self._guest.suspended is None
 
     async def _send(self, data: bytes, generation: int) -> None:
         if not data or generation != self._generation:
             return  # the agent that produced it has gone
-        conn = self._conn
-        if conn is None or conn.closed or conn.writer.is_closing():
-            self._stash_reply(data)
-            return
-        async with conn.write_lock:
-            try:
-                conn.writer.write(data)
-                await conn.writer.drain()
-            except (ConnectionError, OSError):
-                self._close_connection(conn)
-                self._stash_reply(data)
-
-    def _stash_reply(self, data: bytes) -> None:
-        if len(self._stash) + len(data) <= self._max_input:
-            self._stash += data
-        else:
-            log.debug("fake agent: dropping a %d-byte reply nobody reads", len(data))
-
-    def _close_connection(self, conn: _Connection) -> None:
-        conn.closed = True
-        conn.writer.close()
-        if self._conn is conn:
-            self._conn = None
-        self._notify()
-
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        conn: _Connection | None = None
-        try:
-            # One client at a time: the next one waits, unserved, as with QEMU's chardev.
-            async with self._client_lock:
-                if self._closed:
-                    return
-                self._connection_count += 1
-                conn = _Connection(self._connection_count, reader, writer)
-                self._conn = conn
-                self._notify()
-                if self._stash:
-                    stale, self._stash = bytes(self._stash), bytearray()
-                    await self._send(stale, self._generation)
-                while not conn.closed:
-                    await self._wait_until(
-                        lambda: conn is None
-                        or conn.closed
-                        or self._closed
-                        or len(self._inbuf) < self._max_input
-                    )
-                    if conn.closed or self._closed:
-                        break
-                    data = await reader.read(_READ_CHUNK)
-                    if not data:
-                        break
-                    if self._conn is conn:
-                        self._inbuf += data
-                        self._notify()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            if conn is not None:
-                if self._conn is conn and not self._port_open:
-                    self._inbuf.clear()  # never reached the guest: lost with the socket
-                self._close_connection(conn)
-            else:
-                writer.close()
-            self._tasks.discard(task)
+        await self._chardev.write(data)
 
     async def _agent_loop(self) -> None:
         while True:
-            await self._wait_until(lambda: bool(self._inbuf) and self._runnable())
+            await self._changes.wait_until(lambda: bool(self._chardev.buffered) and self._runnable())
             generation = self._generation
-            chunk = bytes(self._inbuf[:_READ_CHUNK])
-            del self._inbuf[:_READ_CHUNK]
+            chunk = self._chardev.read(READ_CHUNK)
             self._busy = True
             try:
                 def ready(generation: int = generation) -> bool:
                     return self._runnable() or generation != self._generation
 
-                for event in self._parser.feed(chunk):
-                    await self._wait_until(ready)
+                for event in self._engine.feed(chunk):
+                    await self._changes.wait_until(ready)
                     if generation != self._generation:
                         break
                     try:
@@ -2436,167 +682,32 @@ class FakeAgent:
                         log.exception("fake agent: processing %r failed", event)
             finally:
                 self._busy = False
-                self._notify()
-
-    def _check_request(self, value: Any) -> str | None:
-        # qmp_dispatch() / qmp_dispatch_check_obj() with allow_oob=false
-        if not isinstance(value, dict):
-            return "QMP input must be a JSON object"
-        has_execute = False
-        for key in _qdict_order(list(value)):
-            member = value[key]
-            if key == "execute":
-                if not isinstance(member, str):
-                    return "QMP input member 'execute' must be a string"
-                has_execute = True
-            elif key == "arguments":
-                if not isinstance(member, dict):
-                    return "QMP input member 'arguments' must be an object"
-            elif key != "id":
-                return f"QMP input member '{key}' is unexpected"
-        if not has_execute:
-            return "QMP input lacks member 'execute'"
-        return None
+                self._changes.notify()
 
     async def _process(self, event: QEMUJSONEvent, generation: int) -> None:
-        now = time.monotonic()
-        conn_number = self._conn.number if self._conn is not None else None
-        value = event.value
-        has_id = isinstance(value, dict) and "id" in value
-        msg_id = value["id"] if has_id else None
-        error = event.error if event.error is not None else self._check_request(value)
-        if error is not None:
-            self._record(
-                AgentMessage(None, {}, msg_id, has_id, now, event.after_sync_byte, 0,
-                             conn_number, value, error),
-                event.size,
-            )
-            reply: dict[str, Any] = {"error": {"class": "GenericError", "desc": error}}
-            if has_id:
-                reply["id"] = msg_id
-            await self._send(self._encode(reply), generation)
-            return
-        command: str = value["execute"]
-        arguments: dict[str, Any] = value.get("arguments", {})
-        if command in self._call_counts or len(self._call_counts) < _MAX_COUNTED_NAMES:
-            self._call_counts[command] += 1
-        self._total_calls += 1
-        injection = self._take_injection(command, self._call_counts[command], self._total_calls)
-        fault = injection.fault if injection is not None else None
-        message = AgentMessage(
-            command, arguments, msg_id, has_id, now, event.after_sync_byte,
-            self._call_counts[command], conn_number, value, None, fault,
+        message = self._engine.take(
+            event, connection=self._chardev.connection_number, now=time.monotonic()
         )
-        self._record(message, event.size)
+        self._changes.notify()
+        if message.error is not None:
+            await self._send(self._engine.rejection(message), generation)
+            return
         try:
-            if fault is None:
+            if message.fault is None:
                 answer = await self.execute(message)
                 if answer is not None:
-                    await self._send(self._encode(answer), generation)
+                    await self._send(self._engine.encode(answer), generation)
             else:
-                await self._run_fault(fault, message, generation)
+                await self._faults.run(message.fault, message, generation)
         finally:
             self._after_command()
 
     def _after_command(self) -> None:
-        mode, self._pending_shutdown = self._pending_shutdown, None
+        mode, self._guest.pending_shutdown = self._guest.pending_shutdown, None
         if mode is None:
             return
         self.shut_down = True
         self.shutdown_mode = mode
-        self._fire(self._on_shutdown, mode)
+        self._callbacks.shut_down(mode)
         self.close_port()
-        if self._conn is not None:
-            self._close_connection(self._conn)  # QEMU exits
-
-    async def _run_fault(self, fault: AgentFault, message: AgentMessage, generation: int) -> None:
-        kind = fault.kind
-        answer: dict[str, Any] | None = None
-        if kind is AgentFaultKind.DELAY:
-            if fault.effect_first:
-                answer = await self.execute(message)
-                await asyncio.sleep(fault.seconds)
-            else:
-                await asyncio.sleep(fault.seconds)
-                if generation != self._generation:
-                    return
-                answer = await self.execute(message)
-            if answer is not None:
-                await self._send(self._encode(answer), generation)
-        elif kind is AgentFaultKind.HANG:
-            if fault.apply:
-                answer = await self.execute(message)
-            epoch = self._release_epoch
-            self._hung = True
-            self._notify()
-            try:
-                await self._wait_until(
-                    lambda: epoch != self._release_epoch or generation != self._generation
-                )
-            finally:
-                self._hung = False
-            if generation != self._generation:
-                return
-            if not fault.apply:
-                answer = await self.execute(message)
-            if answer is not None:
-                await self._send(self._encode(answer), generation)
-        elif kind is AgentFaultKind.CUSTOM:
-            assert fault.handler is not None
-            result = fault.handler(message, self)
-            if inspect.isawaitable(result):
-                result = await result
-            if result is None:
-                return
-            if isinstance(result, (bytes, bytearray, memoryview)):
-                await self._send(bytes(result), generation)
-            elif isinstance(result, Mapping):
-                await self._send(self._encode(result), generation)
-            else:
-                raise TypeError(f"a fault handler returned {type(result).__name__}")
-        else:
-            real = await self.execute(message) if fault.apply else None
-            if kind is AgentFaultKind.REPLY:
-                substitute: dict[str, Any] = {"return": fault.value}
-            elif kind is AgentFaultKind.ERROR:
-                substitute = {"error": {"class": fault.error_class, "desc": fault.desc}}
-            else:
-                # The real reply is lost (its bytes, 0xFF delimiter included, never arrive).
-                real_bytes = self._encode(real) if real is not None else b""
-                if kind is AgentFaultKind.GARBAGE:
-                    await self._send(fault.data, generation)
-                elif kind is AgentFaultKind.OVERSIZED:
-                    await self._send(_oversized(fault.size, fault.line), generation)
-                elif kind is AgentFaultKind.DISCONNECT and self._conn is not None:
-                    if fault.after_bytes:
-                        await self._send(real_bytes[: fault.after_bytes], generation)
-                    if self._conn is not None:
-                        self._close_connection(self._conn)
-                return
-            if message.has_id:
-                substitute["id"] = message.id
-            await self._send(self._encode(substitute), generation)
-
-
-def _oversized(size: int, line: bool) -> bytes:
-    head = b'{"return": "'
-    if not line:
-        return (head + b"A" * max(0, size - len(head)))[:size]
-    tail = b'"}\n'
-    return (head + b"A" * max(0, size - len(head) - len(tail)) + tail)[-size:] if size else b""
-
-
-def _echo(args: list[str], stdin: bytes) -> FakeExecResult:
-    return FakeExecResult(stdout=(" ".join(args) + "\n").encode())
-
-
-def _cat(args: list[str], stdin: bytes) -> FakeExecResult:
-    return FakeExecResult(stdout=stdin)
-
-
-_BUILTIN_PROGRAMS: Final[Mapping[str, ExecProgram]] = {
-    "true": FakeExecResult(),
-    "false": FakeExecResult(exitcode=1),
-    "echo": _echo,
-    "cat": _cat,
-}
+        self._chardev.drop_client()  # QEMU exits

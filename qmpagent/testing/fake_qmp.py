@@ -65,28 +65,26 @@ beyond the common ones, and the ``BlockBackend`` permissions of devices.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
-import copy
-import enum
 import inspect
-import json
 import logging
 import os
-import random
-import re
-import shutil
-import struct
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
 from ..monitor import AGENT_PORT_NAME
-from .fake_agent import qemu_json
+from ._block_graph import BlockLayer, FakeBlockDevice, FakeBlockNode
+from ._faults import QMP_KINDS, Fault, FaultKind, FaultTable, Injection
+from ._json_reader import QEMUJSONStreamParser
+from ._json_writer import qemu_json
+from ._qcow2 import Qcow2Header, create_qcow2_image, read_qcow2_header
+from ._qmp_commands import BUILTIN_HANDLERS, block_handlers
+from ._qmp_error import FakeQMPError
+from ._qmp_events import EventThrottle, make_event
+from ._qmp_jobs import FakeJob, JobRunner, JobWork
+from ._server import AsyncService, SocketListener
 
 __all__ = [
     "FakeBlockDevice",
@@ -99,6 +97,7 @@ __all__ = [
     "FakeQOMObject",
     "Fault",
     "FaultKind",
+    "Injection",
     "Qcow2Header",
     "ReceivedCommand",
     "create_qcow2_image",
@@ -106,27 +105,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_JSON_WS: Final = " \t\r\n"
-
-
-class FakeQMPError(Exception):
-    """Raised by a handler to answer with a QMP error.
-
-    Attributes:
-        error_class: the QAPI error class (``"GenericError"``, ``"CommandNotFound"``,
-            ``"DeviceNotFound"``, ...).
-        desc: the description.
-    """
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(f"{error_class}: {desc}")
-        self.error_class = error_class
-        self.desc = desc
-
-
-def _generic(desc: str) -> FakeQMPError:
-    return FakeQMPError("GenericError", desc)
 
 
 @dataclass(frozen=True)
@@ -148,47 +126,6 @@ class ReceivedCommand:
     oob: bool
     connection: int
     time: float
-
-
-class FaultKind(str, enum.Enum):
-    """What a :class:`Fault` does to a command."""
-
-    DELAY = "delay"
-    """Answer normally, after a delay (the command takes effect after it too)."""
-    NEVER_ANSWER = "never-answer"
-    """Record the command, never answer it (it takes effect only with ``apply``)."""
-    DISCONNECT = "disconnect"
-    """Close the connection when the command arrives (the client is left mid-command); with
-    ``apply`` the command takes effect first and only its reply is lost."""
-    ERROR = "error"
-    """Answer with the error ``error_class``/``desc``; the command does not take effect."""
-    JOB_ERROR = "job-error"
-    """For a job command: start the job, and let it conclude with the error ``desc`` (without
-    the job's effect)."""
-    JOB_DELAY = "job-delay"
-    """For a job command: the job runs ``seconds`` longer before it concludes."""
-
-
-@dataclass
-class Fault:
-    """A fault injected into a command (see :meth:`FakeQMPServer.add_fault`).
-
-    Attributes:
-        kind: what the fault does.
-        seconds: the delay, for :attr:`FaultKind.DELAY` and :attr:`FaultKind.JOB_DELAY`.
-        times: how many more commands it applies to; ``None``: all of them.
-        apply: for :attr:`FaultKind.NEVER_ANSWER` and :attr:`FaultKind.DISCONNECT`: the
-            command takes effect before its reply is lost.
-        error_class: the error class, for :attr:`FaultKind.ERROR`.
-        desc: the error text, for :attr:`FaultKind.ERROR` and :attr:`FaultKind.JOB_ERROR`.
-    """
-
-    kind: FaultKind
-    seconds: float = 0.0
-    times: int | None = None
-    apply: bool = False
-    error_class: str = "GenericError"
-    desc: str = "injected fault"
 
 
 @dataclass
@@ -248,322 +185,11 @@ class FakeQOMObject:
     properties: dict[str, Any] = field(default_factory=dict)
 
 
-#: What a job does when it completes: returns None, or the error text it concludes with.
-JobWork = Callable[[], "str | None"]
-
-
-@dataclass
-class FakeJob:
-    """A job of the fake server (see :meth:`FakeQMPServer.add_job_command`).
-
-    Attributes:
-        id: the job id.
-        type: the job type (``query-jobs`` ``type``), e.g. ``"create"``.
-        status: the current status (``"created"``, ``"running"``, ..., ``"concluded"``).
-        error: the error text it concludes with, if it fails.
-        duration: seconds it runs before concluding; ``None``: until cancelled.
-    """
-
-    id: str
-    type: str
-    status: str = "created"
-    error: str | None = None
-    duration: float | None = 0.0
-    _task: asyncio.Task[None] | None = field(default=None, repr=False)
-    _cancelled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    _work: JobWork | None = field(default=None, repr=False)
-
-    def info(self) -> dict[str, Any]:
-        """The job as ``query-jobs`` shows it. Raises nothing."""
-        done = 1 if self.status in ("concluded", "pending", "waiting") else 0
-        info: dict[str, Any] = {
-            "id": self.id, "type": self.type, "status": self.status,
-            "current-progress": done, "total-progress": 1,
-        }
-        if self.status == "concluded" and self.error is not None:
-            info["error"] = self.error
-        return info
-
-
-# =================================================================================================
-# qcow2 images (the subset QEMU's blockdev-create writes: an empty image, maybe a backing file)
-# =================================================================================================
-
-_QCOW2_MAGIC: Final = b"QFI\xfb"
-_CLUSTER_BITS: Final = 16
-_CLUSTER: Final = 1 << _CLUSTER_BITS
-_EXT_BACKING_FORMAT: Final = 0xE2792ACA
-_EXT_FEATURE_TABLE: Final = 0x6803F857
-_FEATURES: Final = (
-    (0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external data file"),
-    (0, 3, b"compression type"), (0, 4, b"extended L2 entries"), (1, 0, b"lazy refcounts"),
-    (2, 0, b"bitmaps"), (2, 1, b"raw external data"),
-)
-
-
-@dataclass(frozen=True)
-class Qcow2Header:
-    """What :func:`read_qcow2_header` found in a qcow2 image.
-
-    Attributes:
-        version: the qcow2 version (2 or 3).
-        size: the virtual size in bytes.
-        cluster_size: the cluster size in bytes.
-        backing_file: the backing file name recorded in the image, or ``None``.
-        backing_format: the backing file's format recorded in the image, or ``None``.
-    """
-
-    version: int
-    size: int
-    cluster_size: int
-    backing_file: str | None = None
-    backing_format: str | None = None
-
-
-def _pad8(data: bytes) -> bytes:
-    return data + b"\0" * (-len(data) % 8)
-
-
-def _qcow2_bytes(size: int, backing_file: str | None, backing_format: str | None) -> bytes:
-    """An empty qcow2 v3 image, byte for byte as QEMU 7.2's ``blockdev-create`` (and
-    ``qemu-img create``) makes it."""
-    l2_coverage = _CLUSTER * (_CLUSTER // 8)
-    l1_size = max(1, -(-size // l2_coverage))
-    l1_bytes = l1_size * 8
-    l1_clusters = -(-l1_bytes // _CLUSTER)
-    refcount_table, refcount_block, l1_table = _CLUSTER, 2 * _CLUSTER, 3 * _CLUSTER
-    extensions = b""
-    if backing_format:
-        data = backing_format.encode()
-        extensions += struct.pack(">II", _EXT_BACKING_FORMAT, len(data)) + _pad8(data)
-    table = b"".join(struct.pack(">BB", t, bit) + name.ljust(46, b"\0") for t, bit, name in _FEATURES)
-    extensions += struct.pack(">II", _EXT_FEATURE_TABLE, len(table)) + _pad8(table)
-    extensions += struct.pack(">II", 0, 0)
-    header_length = 112
-    backing = backing_file.encode() if backing_file else b""
-    backing_offset = header_length + len(extensions) if backing else 0
-    header = struct.pack(
-        ">4sIQIIQIIQQIIQQQQII",
-        _QCOW2_MAGIC, 3, backing_offset, len(backing), _CLUSTER_BITS, size, 0, l1_size,
-        l1_table, refcount_table, 1, 0, 0, 0, 0, 0, 4, header_length,
-    ) + b"\0" * 8  # compression type (zlib) and padding
-    cluster0 = header + extensions + backing
-    if len(cluster0) > _CLUSTER:
-        raise ValueError("backing file name too long")
-    clusters = 3 + l1_clusters
-    refcounts = struct.pack(f">{clusters}H", *([1] * clusters))
-    image = bytearray(l1_table + l1_bytes)
-    image[: len(cluster0)] = cluster0
-    image[refcount_table : refcount_table + 8] = struct.pack(">Q", refcount_block)
-    image[refcount_block : refcount_block + len(refcounts)] = refcounts
-    return bytes(image)
-
-
-def create_qcow2_image(
-    path: str | os.PathLike[str],
-    size: int,
-    *,
-    backing_file: str | None = None,
-    backing_format: str | None = None,
-) -> None:
-    """Write an empty qcow2 v3 image to ``path`` (created or truncated), like QEMU's
-    ``blockdev-create`` with driver ``qcow2`` (64 KiB clusters, 16-bit refcounts, zlib), the
-    backing file and its format recorded in the header. ``qemu-img`` opens it.
-
-    Raises:
-        ValueError: ``size`` is negative or not a multiple of 512.
-        OSError: the file cannot be written.
-    """
-    if size < 0 or size % 512:
-        raise ValueError("Image size must be a multiple of 512 bytes")
-    data = _qcow2_bytes(size, backing_file, backing_format)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read_qcow2_header(path: str | os.PathLike[str]) -> Qcow2Header:
-    """Read the header of the qcow2 image at ``path``.
-
-    Raises:
-        ValueError: the file is not a qcow2 image (``"Image is not in qcow2 format"``).
-        OSError: the file cannot be read.
-    """
-    with open(path, "rb") as f:
-        head = f.read(_CLUSTER)
-    if len(head) < 72 or head[:4] != _QCOW2_MAGIC:
-        raise ValueError("Image is not in qcow2 format")
-    version, backing_offset, backing_size, cluster_bits, size = struct.unpack(">IQIIQ", head[4:32])
-    if version not in (2, 3):
-        raise ValueError(f"Unsupported qcow2 version {version}")
-    header_length = 72
-    if version == 3 and len(head) >= 104:
-        header_length = struct.unpack(">I", head[100:104])[0]
-    backing_format = None
-    offset = header_length
-    while offset + 8 <= len(head):
-        ext_type, ext_len = struct.unpack(">II", head[offset : offset + 8])
-        if ext_type == 0:
-            break
-        if ext_type == _EXT_BACKING_FORMAT:
-            backing_format = head[offset + 8 : offset + 8 + ext_len].decode(errors="replace")
-        offset += 8 + ext_len + (-ext_len % 8)
-    backing_file = None
-    if backing_offset and backing_size:
-        backing_file = head[backing_offset : backing_offset + backing_size].decode(errors="replace")
-    return Qcow2Header(version, size, 1 << cluster_bits, backing_file, backing_format)
-
-
-# =================================================================================================
-# The block graph
-# =================================================================================================
-
-_NODE_NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
-_FORMAT_DRIVERS: Final = frozenset({"qcow2", "raw"})
-_COMMON_OPTIONS: Final = frozenset(
-    {"driver", "node-name", "discard", "cache", "read-only", "auto-read-only", "force-share",
-     "detect-zeroes"}
-)
-_DRIVER_OPTIONS: Final[Mapping[str, frozenset[str]]] = {
-    "file": frozenset({"filename", "pr-manager", "locking", "aio", "aio-max-batch", "drop-cache",
-                       "x-check-cache-dropped"}),
-    "qcow2": frozenset({"file", "backing", "lazy-refcounts", "pass-discard-request",
-                        "pass-discard-snapshot", "pass-discard-other", "overlap-check",
-                        "cache-size", "l2-cache-size", "l2-cache-entry-size",
-                        "refcount-cache-size", "cache-clean-interval", "encrypt", "data-file"}),
-    "raw": frozenset({"file", "offset", "size"}),
+# The faults that lose a command's reply, and what the log says (not applied, applied).
+_LOST_REPLY: Final[Mapping[FaultKind, tuple[str, str]]] = {
+    FaultKind.NO_REPLY: ("fake QMP: never answering %s", "fake QMP: %s took effect; its reply is lost"),
+    FaultKind.DISCONNECT: ("fake QMP: disconnecting on %s", "fake QMP: %s took effect; disconnecting"),
 }
-# QEMU 7.2's BlockdevDriver enum: valid names the fake does not model get a clear error.
-_QEMU_DRIVERS: Final = frozenset(
-    {"blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
-     "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
-     "gluster", "host_cdrom", "host_device", "http", "https", "io_uring", "iscsi", "luks", "nbd",
-     "nfs", "null-aio", "null-co", "nvme", "nvme-io_uring", "parallels", "preallocate", "qcow",
-     "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx",
-     "virtio-blk-vfio-pci", "virtio-blk-vhost-user", "virtio-blk-vhost-vdpa", "vmdk", "vpc",
-     "vvfat"}
-)
-_CREATE_OPTIONS: Final[Mapping[str, frozenset[str]]] = {
-    "file": frozenset({"driver", "filename", "size", "preallocation", "nocow",
-                       "extent-size-hint"}),
-    "qcow2": frozenset({"driver", "file", "data-file", "data-file-raw", "extended-l2", "size",
-                        "version", "backing-file", "backing-fmt", "encrypt", "cluster-size",
-                        "preallocation", "lazy-refcounts", "refcount-bits", "compression-type"}),
-}
-
-
-@dataclass
-class FakeBlockNode:
-    """A node of the fake block graph (see :attr:`FakeQMPServer.nodes`).
-
-    Attributes:
-        node_name: the node name (``#block...`` for nodes QEMU named itself).
-        driver: ``"file"`` (a protocol node) or a format (``"qcow2"``, ``"raw"``).
-        filename: the image file (a protocol node's path; a format node's file's path).
-        file: a format node's ``file`` child (a node name), else ``None``.
-        backing: the backing child (a node name), or ``None``.
-        read_only: opened read-only (QEMU reopens a node read-only when it becomes a backing
-            node in a snapshot).
-        virtual_size: a format node's size; a protocol node's length when its file does not
-            exist on disk (else the file's length is reported).
-        header_backing_file: the backing file recorded in the image, or ``None``.
-        header_backing_format: its format, recorded in the image, or ``None``.
-        backing_file: QEMU's ``backing_file`` of the node: the backing file it was opened
-            with (``None`` when added with ``backing: null``, until a snapshot gives it one).
-        backing_null: added with ``backing: null``.
-        auto_named: QEMU named it (an implicitly opened node, e.g. of a backing chain).
-        monitor_owned: added by ``blockdev-add`` (or ``-blockdev``): ``blockdev-del`` may
-            delete it.
-    """
-
-    node_name: str
-    driver: str
-    filename: str
-    file: str | None = None
-    backing: str | None = None
-    read_only: bool = False
-    virtual_size: int = 0
-    header_backing_file: str | None = None
-    header_backing_format: str | None = None
-    backing_file: str | None = None
-    backing_null: bool = False
-    auto_named: bool = False
-    monitor_owned: bool = True
-
-
-@dataclass
-class FakeBlockDevice:
-    """A block device (a ``BlockBackend`` attached to a guest device) of the fake block graph.
-
-    Attributes:
-        device_id: the qdev id of the device (e.g. ``"vblk0"``).
-        root: the node name of its root (active) node, or ``None`` (no medium).
-        qdev: the path ``query-block`` reports as ``qdev``.
-    """
-
-    device_id: str
-    root: str | None
-    qdev: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.qdev:
-            self.qdev = f"/machine/peripheral/{self.device_id}/virtio-backend"
-
-
-class _Graph:
-    """The node graph and the block devices; copied for an all-or-nothing transaction."""
-
-    def __init__(self) -> None:
-        self.nodes: dict[str, FakeBlockNode] = {}  # insertion order: QEMU's graph_bdrv_states
-        self.devices: dict[str, FakeBlockDevice] = {}
-
-    def copy(self) -> _Graph:
-        clone = _Graph()
-        clone.nodes = {k: copy.copy(v) for k, v in self.nodes.items()}
-        clone.devices = {k: copy.copy(v) for k, v in self.devices.items()}
-        return clone
-
-    def lookup(self, name: str) -> FakeBlockNode:
-        node = self.nodes.get(name)
-        if node is None:
-            raise _generic(f"Cannot find device='{name}' nor node-name='{name}'")
-        return node
-
-    def parents(self, name: str) -> list[tuple[str, str]]:
-        """``(parent, role)`` pairs: ``role`` is ``"file"``, ``"backing"`` or ``"device"``."""
-        found = [(d.device_id, "device") for d in self.devices.values() if d.root == name]
-        for node in self.nodes.values():
-            if node.file == name:
-                found.append((node.node_name, "file"))
-            if node.backing == name:
-                found.append((node.node_name, "backing"))
-        return found
-
-    def has_device(self, name: str) -> bool:
-        return any(d.root == name for d in self.devices.values())
-
-    def backing_parent(self, name: str) -> str | None:
-        for node in self.nodes.values():
-            if node.backing == name:
-                return node.node_name
-        return None
-
-
-def _strerror(exc: OSError) -> str:
-    return os.strerror(exc.errno) if exc.errno else str(exc)
-
-
-def _file_length(path: str) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None
-
-
-def _actual_size(path: str) -> int | None:
-    try:
-        return os.stat(path).st_blocks * 512
-    except OSError:
-        return None
 
 
 class FakeQMPConnection:
@@ -645,17 +271,18 @@ class FakeQMPConnection:
         self._spawn(self._run_inband())
         try:
             await self.send(self.server.greeting())
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            buffer = ""
+            # QEMU's own reader: values need no separator, errors are answered without an id
+            # and the reader recovers as QEMU's does; one message is bounded by _MAX_BUFFER.
+            parser = QEMUJSONStreamParser(max_message_size=self._MAX_BUFFER)
             while not self.closed:
                 data = await self._reader.read(65536)
                 if not data:
                     break
-                buffer += decoder.decode(data)
-                buffer = await self._parse(buffer)
-                if len(buffer) > self._MAX_BUFFER:
-                    await self._send_error(None, "GenericError", "JSON token too large")
-                    break
+                for event in parser.feed(data):
+                    if event.error is not None:
+                        await self._send_error(None, "GenericError", event.error)
+                    else:
+                        await self._dispatch(event.value)
         except (ConnectionError, OSError) as exc:
             log.debug("fake QMP connection %d: %r", self.number, exc)
         finally:
@@ -666,27 +293,6 @@ class FakeQMPConnection:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(ConnectionError, OSError):
                 await self._writer.wait_closed()
-
-    async def _parse(self, buffer: str) -> str:
-        """Take every complete JSON value off the front of ``buffer``; return the rest."""
-        decoder = self.server._decoder
-        while True:
-            start = 0
-            while start < len(buffer) and buffer[start] in _JSON_WS:
-                start += 1
-            buffer = buffer[start:]
-            if not buffer:
-                return buffer
-            try:
-                value, end = decoder.raw_decode(buffer)
-            except json.JSONDecodeError as exc:
-                if _maybe_incomplete(buffer):
-                    return buffer  # wait for the rest
-                # QEMU answers a parse error (without an id) and resets its parser.
-                await self._send_error(None, "GenericError", f"JSON parse error, {exc.msg}")
-                return ""
-            buffer = buffer[end:]
-            await self._dispatch(value)
 
     async def _dispatch(self, msg: Any) -> None:
         if not isinstance(msg, dict):
@@ -727,28 +333,27 @@ class FakeQMPConnection:
         fault = self.server._take_fault(call.command)
         call.fault = fault
         kind = fault.kind if fault is not None else None
-        if fault is not None and not fault.apply:
-            if kind is FaultKind.NEVER_ANSWER:
-                log.debug("fake QMP: never answering %s", call.command)
-                return
-            if kind is FaultKind.DISCONNECT:
-                log.debug("fake QMP: disconnecting on %s", call.command)
-                self.close()
-                return
+        lost = kind in _LOST_REPLY
+        if fault is not None and lost and not fault.apply:
+            self._lose_reply(call, fault, applied=False)
+            return
         if fault is not None and kind is FaultKind.DELAY:
             await asyncio.sleep(fault.seconds)
         if fault is not None and kind is FaultKind.ERROR and self.negotiated:
             await self._send_error(call.id, fault.error_class, fault.desc)
             return
         reply = await self._run(call)
-        if kind is FaultKind.NEVER_ANSWER:
-            log.debug("fake QMP: %s took effect; its reply is lost", call.command)
-            return
-        if kind is FaultKind.DISCONNECT:
-            log.debug("fake QMP: %s took effect; disconnecting", call.command)
-            self.close()
+        if fault is not None and lost:
+            self._lose_reply(call, fault, applied=True)
             return
         await self.send(reply)
+
+    def _lose_reply(self, call: FakeCall, fault: Fault, *, applied: bool) -> None:
+        # The reply never arrives: the command is swallowed, or the connection drops
+        # (before the command ran, or, with ``apply``, after it took effect).
+        log.debug(_LOST_REPLY[fault.kind][applied], call.command)
+        if fault.kind is FaultKind.DISCONNECT:
+            self.close()
 
     async def _run(self, call: FakeCall) -> dict[str, Any]:
         """Execute ``call``; return the reply message (a result or an error)."""
@@ -787,37 +392,6 @@ def _error_reply(msg_id: Any, error_class: str, desc: str) -> dict[str, Any]:
     return reply
 
 
-def _maybe_incomplete(text: str) -> bool:
-    """Whether ``text`` may be the start of a JSON value (brackets or a string still open)."""
-    depth = 0
-    in_string = escape = False
-    for ch in text:
-        if in_string:
-            if escape:
-                escape = False
-            elif ch == "\\":
-                escape = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth < 0:
-                return False
-    return in_string or depth > 0
-
-
-@dataclass
-class _RateLimit:
-    """QEMU's per-event-key throttle state (``MonitorQAPIEventState``)."""
-
-    pending: dict[str, Any] | None = None
-    task: asyncio.Task[None] | None = None
-
-
 @dataclass(frozen=True)
 class QEMUProfile:
     """How one real QEMU version answers where versions differ (each seen on that version in
@@ -848,7 +422,7 @@ def qemu_profile(version: tuple[int, int, int]) -> QEMUProfile:
     return QEMU_PROFILES[max(below)] if below else QEMU_PROFILES[(7, 2)]
 
 
-class FakeQMPServer:
+class FakeQMPServer(AsyncService):
     """A QMP server that behaves like QEMU's monitor, for tests. Use it as an async context
     manager (or :meth:`start` / :meth:`close`).
 
@@ -875,7 +449,8 @@ class FakeQMPServer:
         address: where clients connect (a path str, or ``(host, port)``).
         handlers: command name -> :data:`Handler`; add, replace or delete entries freely.
         received: every command received, in order (a :class:`ReceivedCommand` each).
-        faults: command name -> list of :class:`Fault` (first applicable one is used).
+        faults: command name -> its injected :class:`Fault` s, first applicable first (a view
+            of :attr:`injections`).
         connections: every connection accepted so far (closed ones too).
         status: the run state ``query-status`` reports (``"running"``, ``"paused"``, ...).
         chardevs: chardev label -> ``{"filename": ..., "frontend-open": ...}``.
@@ -902,31 +477,26 @@ class FakeQMPServer:
         job_duration: float = 0.0,
         max_clients: int | None = None,
     ) -> None:
-        self._path = Path(path) if path is not None else None
         self._slots = asyncio.Semaphore(max_clients) if max_clients is not None else None
         self._waiting: set[asyncio.StreamWriter] = set()
         self._closing = False
-        self._tcp = tcp
-        self._tmpdir: Path | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._decoder = json.JSONDecoder()
-        self._serve_tasks: set[asyncio.Task[None]] = set()
+        self._listener = SocketListener(
+            self._accept, path=path, host="127.0.0.1" if tcp else None,
+            socket_name="qmp.sock", tmp_prefix="qmpagent-fakeqmp-",
+        )
         self._command_waiters: list[tuple[str, int, asyncio.Future[ReceivedCommand]]] = []
-        self._graph = _Graph()
         self._block_nodes_override: list[dict[str, Any]] | None = None
         self._block_devices_override: list[dict[str, Any]] | None = None
-        self._auto_counter = 0
-        self._random = random.Random()
-        self._limits: dict[tuple[str, str], _RateLimit] = {}
         self.version = version
         self.package = package
         #: The real QEMU version the fake answers like.
         self.profile = qemu_profile(version)
+        self._block = BlockLayer(node_active=self.profile.node_active)
         self.job_duration = job_duration
         self.address: str | tuple[str, int] = ""
         self.handlers: dict[str, Handler] = {}
         self.received: list[ReceivedCommand] = []
-        self.faults: dict[str, list[Fault]] = {}
+        self._faults = FaultTable(QMP_KINDS)
         self.connections: list[FakeQMPConnection] = []
         self.status = "running"
         self.chardevs: dict[str, dict[str, Any]] = {
@@ -940,9 +510,13 @@ class FakeQMPServer:
         }
         self.jobs: dict[str, FakeJob] = {}
         self.rate_limits: dict[str, float] = {"VSERPORT_CHANGE": vserport_rate_limit}
-        self._install_builtin_handlers()
+        self._job_runner = JobRunner(lambda: self.jobs, self.emit)
+        self._throttle = EventThrottle(
+            self._send_event, lambda name: self.rate_limits.get(name, 0.0)
+        )
+        self.handlers.update(BUILTIN_HANDLERS)
         if block_commands:
-            self._install_block_handlers()
+            self.handlers.update(block_handlers(self._block, self._start_announced_job))
         if agent_port:
             self.qom["/machine/peripheral/vser0"] = FakeQOMObject("virtio-serial-pci")
             self.add_serial_port("qgaport0", AGENT_PORT_NAME, "qga0", open=agent_port_open)
@@ -960,22 +534,15 @@ class FakeQMPServer:
         Raises:
             OSError: the socket cannot be created.
         """
-        if self._tcp:
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-            host, port = self._server.sockets[0].getsockname()[:2]
-            self.address = (str(host), int(port))
-        else:
-            if self._path is None:
-                self._tmpdir = Path(tempfile.mkdtemp(prefix="qmpagent-fakeqmp-"))
-                self._path = self._tmpdir / "qmp.sock"
-            self._server = await asyncio.start_unix_server(self._accept, str(self._path))
-            self.address = str(self._path)
+        await self._listener.start()
+        assert self._listener.address is not None
+        self.address = self._listener.address
         log.debug("fake QMP server listening on %r", self.address)
 
     @property
     def listening(self) -> bool:
         """Whether the server accepts connections (started and not closed). Raises nothing."""
-        return self._server is not None
+        return self._listener.listening
 
     async def close(self) -> None:
         """Stop listening, close every connection, remove the socket (and temp dir).
@@ -983,74 +550,36 @@ class FakeQMPServer:
         Idempotent. Raises nothing.
         """
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        self._listener.stop_listening()
         for conn in self.connections:
             conn.close()
         if self._slots is not None:
             for writer in list(self._waiting):
                 writer.close()
                 self._slots.release()  # wakes a waiting client up, to be turned away
-        for job in self.jobs.values():
-            if job._task is not None:
-                job._task.cancel()
-        for limit in self._limits.values():
-            if limit.task is not None:
-                limit.task.cancel()
-        tasks = list(self._serve_tasks) + [
-            j._task for j in self.jobs.values() if j._task is not None
-        ] + [lim.task for lim in self._limits.values() if lim.task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._limits.clear()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-        if not self._tcp and self._path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._path.unlink()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-
-    async def __aenter__(self) -> FakeQMPServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+        await self._job_runner.close()
+        await self._throttle.close()
+        await self._listener.close()  # the connections were closed above: their tasks end
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._serve_tasks.add(task)
-        try:
-            if self._slots is not None:
-                # Like QEMU's QMP chardev: the kernel accepts, QEMU serves one client at a
-                # time; the next one gets its greeting when the current one has gone.
-                self._waiting.add(writer)
-                try:
-                    await self._slots.acquire()
-                finally:
-                    self._waiting.discard(writer)
-                if self._closing:
-                    writer.close()
-                    return
+        if self._slots is not None:
+            # Like QEMU's QMP chardev: the kernel accepts, QEMU serves one client at a
+            # time; the next one gets its greeting when the current one has gone.
+            self._waiting.add(writer)
             try:
-                conn = FakeQMPConnection(self, len(self.connections), reader, writer)
-                self.connections.append(conn)
-                await conn.serve()
+                await self._slots.acquire()
             finally:
-                if self._slots is not None:
-                    self._slots.release()
+                self._waiting.discard(writer)
+            if self._closing:
+                writer.close()
+                return
+        try:
+            conn = FakeQMPConnection(self, len(self.connections), reader, writer)
+            self.connections.append(conn)
+            await conn.serve()
         finally:
-            if task is not None:
-                self._serve_tasks.discard(task)
+            if self._slots is not None:
+                self._slots.release()
 
     def greeting(self) -> dict[str, Any]:
         """The greeting sent to each new client. Raises nothing."""
@@ -1076,6 +605,11 @@ class FakeQMPServer:
     def commands(self, name: str | None = None) -> list[ReceivedCommand]:
         """The commands received so far, optionally only those named ``name``. Raises nothing."""
         return [c for c in self.received if name is None or c.command == name]
+
+    def calls(self, name: str | None = None) -> list[ReceivedCommand]:
+        """:meth:`commands` under the name the fake agent uses (``FakeAgent.calls``), so a
+        test reads both records alike. Raises nothing."""
+        return self.commands(name)
 
     def _record(self, record: ReceivedCommand) -> None:
         self.received.append(record)
@@ -1114,8 +648,35 @@ class FakeQMPServer:
 
         Raises nothing.
         """
-        self.faults.setdefault(command, []).append(fault)
+        self._faults.add(command, fault, times=fault.times)
         return fault
+
+    def inject(
+        self, command: str, fault: Fault, *, call: int | None = None, times: int | None = 1
+    ) -> Injection:
+        """Inject ``fault`` into ``command`` (``"*"``: any), like ``FakeAgent.inject``: only
+        its call number ``call`` (1-based, counted since the server started; for ``"*"`` over
+        all commands), or else its next ``times`` calls (``None``: all of them).
+
+        Raises:
+            ValueError: ``call`` or ``times`` below 1, or a kind QMP does not model (the
+                agent-only ones, e.g. ``GARBAGE``).
+        """
+        return self._faults.add(command, fault, call=call, times=times)
+
+    @property
+    def injections(self) -> list[Injection]:
+        """The injections that can still apply, oldest first. Raises nothing."""
+        return self._faults.active
+
+    @property
+    def faults(self) -> dict[str, list[Fault]]:
+        """Command name -> the faults that can still apply to it, first applicable first
+        (a view of :attr:`injections`). Raises nothing."""
+        view: dict[str, list[Fault]] = {}
+        for injection in self._faults.active:
+            view.setdefault(injection.command, []).append(injection.fault)
+        return view
 
     def delay(self, command: str, seconds: float, *, times: int | None = None) -> Fault:
         """Answer ``command`` only after ``seconds`` (in-band commands after it wait too); the
@@ -1167,35 +728,18 @@ class FakeQMPServer:
 
     def clear_faults(self, command: str | None = None) -> None:
         """Remove the faults of ``command``, or all faults. Raises nothing."""
-        if command is None:
-            self.faults.clear()
-        else:
-            self.faults.pop(command, None)
+        self._faults.clear(command)
 
     def _take_fault(self, command: str) -> Fault | None:
-        faults = self.faults.get(command)
-        if not faults:
-            return None
-        fault = faults[0]
-        if fault.times is not None:
-            fault.times -= 1
-            if fault.times <= 0:
-                faults.pop(0)
-        return fault
+        injection, _ = self._faults.call(command)
+        return injection.fault if injection is not None else None
 
     # events and disconnection -----------------------------------------------------------------
 
     @staticmethod
     def make_event(name: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """An event message as QEMU sends it, timestamped now. Raises nothing."""
-        now = time.time()
-        event: dict[str, Any] = {
-            "event": name,
-            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)},
-        }
-        if data is not None:
-            event["data"] = dict(data)
-        return event
+        return make_event(name, data)
 
     def _live(self) -> list[FakeQMPConnection]:
         return [c for c in self.connections if c.negotiated and not c.closed]
@@ -1224,33 +768,7 @@ class FakeQMPServer:
         Raises:
             TypeError: ``data`` is not JSON-serialisable.
         """
-        event = self.make_event(name, data)
-        period = self.rate_limits.get(name, 0.0)
-        if period <= 0:
-            await self._send_event(event)
-            return
-        if key is None:
-            key = str((data or {}).get("id", ""))
-        state = self._limits.get((name, key))
-        if state is not None:
-            state.pending = event  # the latest wins; sent when the period ends
-            return
-        state = _RateLimit()
-        self._limits[(name, key)] = state
-        await self._send_event(event)
-        state.task = asyncio.ensure_future(self._rate_limit_timer(name, key, state, period))
-
-    async def _rate_limit_timer(self, name: str, key: str, state: _RateLimit, period: float) -> None:
-        try:
-            while True:
-                await asyncio.sleep(period)
-                if state.pending is None:
-                    break
-                event, state.pending = state.pending, None
-                await self._send_event(event)
-        finally:
-            if self._limits.get((name, key)) is state:
-                del self._limits[(name, key)]
+        await self._throttle.queue(name, data, key=key)
 
     async def settle_events(self, timeout: float = 5.0) -> None:
         """Wait until every throttled event has been sent and every throttle period has
@@ -1259,11 +777,7 @@ class FakeQMPServer:
         Raises:
             TimeoutError: not within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while self._limits:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"fake QMP: events still throttled after {timeout}s")
-            await asyncio.sleep(0.01)
+        await self._throttle.settle(timeout)
 
     async def flood(
         self,
@@ -1338,12 +852,12 @@ class FakeQMPServer:
     def nodes(self) -> dict[str, FakeBlockNode]:
         """The block graph: node name -> :class:`FakeBlockNode`, oldest first (QEMU lists them
         newest first). Change it only through the commands and helpers. Raises nothing."""
-        return self._graph.nodes
+        return self._block.graph.nodes
 
     @property
     def devices(self) -> dict[str, FakeBlockDevice]:
         """The block devices: qdev id -> :class:`FakeBlockDevice`. Raises nothing."""
-        return self._graph.devices
+        return self._block.graph.devices
 
     @property
     def block_nodes(self) -> list[dict[str, Any]]:
@@ -1354,7 +868,7 @@ class FakeQMPServer:
         """
         if self._block_nodes_override is not None:
             return self._block_nodes_override
-        return [self.node_info(n, flat=True) for n in reversed(list(self._graph.nodes))]
+        return [self.node_info(n, flat=True) for n in reversed(list(self._block.graph.nodes))]
 
     @block_nodes.setter
     def block_nodes(self, value: list[dict[str, Any]] | None) -> None:
@@ -1366,7 +880,7 @@ class FakeQMPServer:
         a list makes the query return that list instead. Raises nothing."""
         if self._block_devices_override is not None:
             return self._block_devices_override
-        return [self._device_info(d) for d in self._graph.devices.values()]
+        return [self._block.device_info(d) for d in self._block.graph.devices.values()]
 
     @block_devices.setter
     def block_devices(self, value: list[dict[str, Any]] | None) -> None:
@@ -1378,11 +892,7 @@ class FakeQMPServer:
 
         Raises nothing.
         """
-        g = self._graph
-        g.nodes[file_node_name] = FakeBlockNode(file_node_name, "file", filename, virtual_size=393216)
-        g.nodes[node_name] = FakeBlockNode(
-            node_name, "qcow2", filename, file=file_node_name, virtual_size=67108864
-        )
+        self._block.add_disk(node_name, file_node_name, filename)
         self.attach_device(device_id, node_name)
 
     def attach_device(self, device_id: str, node_name: str) -> FakeBlockDevice:
@@ -1392,9 +902,7 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: no such node.
         """
-        self._graph.lookup(node_name)
-        device = FakeBlockDevice(device_id, node_name)
-        self._graph.devices[device_id] = device
+        device = self._block.attach_device(device_id, node_name)
         self.qom[f"/machine/peripheral/{device_id}"] = FakeQOMObject(
             "virtio-blk-pci", {"drive": node_name}
         )
@@ -1406,7 +914,7 @@ class FakeQMPServer:
         Raises:
             KeyError: no such device.
         """
-        return self._graph.devices[device_id].root
+        return self._block.graph.devices[device_id].root
 
     def blockdev_add(self, options: Mapping[str, Any]) -> FakeBlockNode:
         """Add a node as ``blockdev-add`` (or ``-blockdev``) does; return it.
@@ -1414,7 +922,7 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: what QEMU would answer.
         """
-        return self._blockdev_add(dict(options))
+        return self._block.add(dict(options))
 
     def blockdev_del(self, node_name: str) -> None:
         """Delete a node as ``blockdev-del`` does.
@@ -1422,29 +930,7 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: what QEMU would answer.
         """
-        g = self._graph
-        node = g.nodes.get(node_name)
-        if node is None:
-            raise _generic(f"Failed to find node with node-name='{node_name}'")
-        if g.has_device(node_name):
-            raise _generic(f"Node {node_name} is in use")
-        backing_parent = g.backing_parent(node_name)
-        if backing_parent is not None:
-            raise _generic(f"Node '{node_name}' is busy: node is used as backing hd of '{backing_parent}'")
-        if not node.monitor_owned:
-            raise _generic(f"Node {node_name} is not owned by the monitor")
-        if g.parents(node_name):
-            raise _generic(f"Block device {node_name} is in use")
-        self._remove_node(g, node_name)
-
-    @staticmethod
-    def _remove_node(g: _Graph, node_name: str) -> None:
-        node = g.nodes.pop(node_name)
-        for child in (node.file, node.backing):
-            if child is None or child not in g.nodes:
-                continue
-            if not g.nodes[child].monitor_owned and not g.parents(child):
-                FakeQMPServer._remove_node(g, child)
+        self._block.blockdev_del(node_name)
 
     def snapshot(self, actions: Sequence[Mapping[str, Any]]) -> None:
         """Apply ``blockdev-snapshot`` actions as one ``transaction``: all or nothing.
@@ -1452,322 +938,20 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: what QEMU would answer (nothing was applied).
         """
-        work = self._graph.copy()
-        for action in actions:
-            self._blockdev_snapshot(work, action)
-        self._graph = work
-        for device in work.devices.values():
+        self._block.snapshot(actions)
+        for device in self._block.graph.devices.values():  # QOM follows the new roots
             obj = self.qom.get(f"/machine/peripheral/{device.device_id}")
             if obj is not None:
                 obj.properties["drive"] = device.root
 
-    # node info (query-named-block-nodes, query-block) ------------------------------------------
-
-    def _reported_filename(self, node: FakeBlockNode, g: _Graph | None = None) -> str:
-        g = self._graph if g is None else g
-        child = g.nodes.get(node.file) if node.file is not None else None
-        if node.driver == "file":
-            return node.filename
-        simple = child is not None and child.driver == "file" and not (
-            node.backing_null and node.backing is None
-        )
-        if simple and child is not None:
-            return child.filename
-        return "json:" + qemu_json(self._json_options(node, g))
-
-    def _json_options(self, node: FakeBlockNode, g: _Graph) -> dict[str, Any]:
-        if node.driver == "file":
-            return {"driver": "file", "filename": node.filename}
-        options: dict[str, Any] = {}
-        if node.backing_null and node.backing is None:
-            options["backing"] = None
-        options["driver"] = node.driver
-        child = g.nodes.get(node.file) if node.file is not None else None
-        options["file"] = self._json_options(child, g) if child is not None else None
-        return options
-
-    def _image_info(self, node: FakeBlockNode, flat: bool) -> dict[str, Any]:
-        g = self._graph
-        if node.driver == "file":
-            length = _file_length(node.filename)
-            # QEMU reports a protocol node's length in whole 512-byte sectors.
-            size = -(-length // 512) * 512 if length is not None else node.virtual_size
-            actual = _actual_size(node.filename)
-            return {
-                "filename": node.filename, "format": "file", "dirty-flag": False,
-                "actual-size": actual if actual is not None else size, "virtual-size": size,
-            }
-        child = g.nodes.get(node.file) if node.file is not None else None
-        actual = _actual_size(child.filename) if child is not None else None
-        info: dict[str, Any] = {
-            "filename": self._reported_filename(node),
-            "format": node.driver,
-            "dirty-flag": False,
-            "actual-size": actual if actual is not None else 0,
-            "virtual-size": node.virtual_size,
-        }
-        if node.driver == "qcow2":
-            info["cluster-size"] = _CLUSTER
-        if node.header_backing_file:
-            info["backing-filename"] = node.header_backing_file
-            info["full-backing-filename"] = node.header_backing_file
-            if node.header_backing_format:
-                info["backing-filename-format"] = node.header_backing_format
-        if not flat and node.backing is not None and node.backing in g.nodes:
-            info["backing-image"] = self._image_info(g.nodes[node.backing], flat)
-        if node.driver == "qcow2":
-            info["format-specific"] = {"type": "qcow2", "data": {
-                "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": False,
-                "refcount-bits": 16, "corrupt": False, "extended-l2": False,
-            }}
-        return info
-
     def node_info(self, node_name: str, *, flat: bool = True) -> dict[str, Any]:
-        """The ``query-named-block-nodes`` entry of a node (``BlockDeviceInfo``).
-
-        As in QEMU, ``backing_file_depth`` is 0 and there is no ``backing-image`` when
-        ``flat``.
+        """The ``query-named-block-nodes`` entry of a node (``BlockDeviceInfo``); as in QEMU,
+        ``backing_file_depth`` is 0 and there is no ``backing-image`` when ``flat``.
 
         Raises:
             KeyError: no such node.
         """
-        g = self._graph
-        node = g.nodes[node_name]
-        depth = 0
-        if not flat:
-            cursor = node
-            while cursor.backing is not None and cursor.backing in g.nodes:
-                depth += 1
-                cursor = g.nodes[cursor.backing]
-        info: dict[str, Any] = {
-            "file": self._reported_filename(node),
-            "node-name": node.node_name,
-            "ro": node.read_only,
-            "drv": node.driver,
-        }
-        if node.backing_file:
-            info["backing_file"] = node.backing_file
-        info.update({
-            "backing_file_depth": depth,
-            "encrypted": False,
-            "detect_zeroes": "off",
-            **({"active": True} if self.profile.node_active else {}),
-            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
-            "image": self._image_info(node, flat),
-            "cache": {"writeback": True, "direct": False, "no-flush": False},
-            "write_threshold": 0,
-        })
-        return info
-
-    def _device_info(self, device: FakeBlockDevice) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "device": "",
-            "qdev": device.qdev,
-            "type": "unknown",
-            "removable": False,
-            "locked": False,
-        }
-        if device.root is not None and device.root in self._graph.nodes:
-            info["inserted"] = self.node_info(device.root, flat=False)
-        info["io-status"] = "ok"
-        return info
-
-    # blockdev-add ---------------------------------------------------------------------------
-
-    def _auto_name(self) -> str:
-        name = f"#block{self._auto_counter}{self._random.randrange(100):02d}"
-        self._auto_counter += 1
-        return name
-
-    def _check_node_name(self, name: str) -> None:
-        if not _NODE_NAME_RE.match(name):
-            raise _generic(f"Invalid node-name: '{name}'")
-        if name in self._graph.nodes:
-            raise _generic(f"Duplicate nodes with node-name='{name}'")
-        if len(name) >= 32:
-            raise _generic("Node name too long")
-
-    @staticmethod
-    def _check_options(options: Mapping[str, Any], allowed: frozenset[str], prefix: str = "") -> None:
-        for key in options:
-            if key not in allowed:
-                raise _generic(f"Parameter '{prefix}{key}' is unexpected")
-
-    def _blockdev_add(self, options: dict[str, Any], *, auto: bool = False) -> FakeBlockNode:
-        driver = options.get("driver")
-        if driver is None:
-            raise _generic("Parameter 'driver' is missing")
-        if not isinstance(driver, str):
-            raise _generic("Invalid parameter type for 'driver', expected: string")
-        if driver not in _QEMU_DRIVERS:
-            raise _generic(f"Parameter 'driver' does not accept value '{driver}'")
-        if driver not in _DRIVER_OPTIONS:
-            raise _generic(f"fake QMP: block driver '{driver}' is not modelled")
-        self._check_options(options, _COMMON_OPTIONS | _DRIVER_OPTIONS[driver])
-        read_only = options.get("read-only", False)
-        if not isinstance(read_only, bool):
-            raise _generic("Invalid parameter type for 'read-only', expected: boolean")
-        name = options.get("node-name")
-        named = name is not None
-        if name is None:
-            if not auto:
-                raise _generic("'node-name' must be specified for the root node")
-            name = self._auto_name()
-        elif not isinstance(name, str):
-            raise _generic("Invalid parameter type for 'node-name', expected: string")
-        if driver == "file":
-            return self._add_file_node(options, name, read_only, auto, named)
-        return self._add_format_node(options, driver, name, read_only, auto, named)
-
-    def _add_file_node(
-        self, options: Mapping[str, Any], name: str, read_only: bool, auto: bool, named: bool
-    ) -> FakeBlockNode:
-        filename = options.get("filename")
-        if filename is None:
-            raise _generic("Parameter 'filename' is missing")
-        if not isinstance(filename, str):
-            raise _generic("Invalid parameter type for 'filename', expected: string")
-        if named:
-            self._check_node_name(name)
-        try:
-            fd = os.open(filename, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as exc:
-            raise _generic(f"Could not open '{filename}': {_strerror(exc)}") from None
-        os.close(fd)
-        node = FakeBlockNode(name, "file", filename, read_only=read_only, auto_named=not named,
-                             monitor_owned=not auto)
-        self._graph.nodes[name] = node
-        return node
-
-    def _add_format_node(
-        self, options: Mapping[str, Any], driver: str, name: str, read_only: bool, auto: bool,
-        named: bool,
-    ) -> FakeBlockNode:
-        g = self._graph
-        file_ref = options.get("file")
-        if file_ref is None:
-            raise _generic("Parameter 'file' is missing")
-        if named:
-            self._check_node_name(name)
-        created_child = False
-        if isinstance(file_ref, str):
-            child = g.lookup(file_ref)
-        elif isinstance(file_ref, dict):
-            child = self._blockdev_add(dict(file_ref), auto=True)
-            created_child = True
-        else:
-            raise _generic("Invalid parameter type for 'file', expected: BlockdevRef")
-        try:
-            if not read_only:
-                for parent, role in g.parents(child.node_name):
-                    if role == "file" and not g.nodes[parent].read_only:
-                        raise _generic(
-                            f"Permission conflict on node '{child.node_name}': permissions "
-                            f"'write, resize' are both required by node '{parent}' (uses node "
-                            f"'{child.node_name}' as 'file' child) and unshared by node "
-                            f"'{name}' (uses node '{child.node_name}' as 'file' child)."
-                        )
-            node = FakeBlockNode(name, driver, child.filename, file=child.node_name,
-                                 read_only=read_only, auto_named=not named, monitor_owned=not auto)
-            if driver == "raw":
-                length = _file_length(child.filename)
-                node.virtual_size = length if length is not None else child.virtual_size
-                g.nodes[name] = node
-                return node
-            try:
-                header = read_qcow2_header(child.filename)
-            except OSError as exc:
-                raise _generic(f"Could not read image: {_strerror(exc)}") from None
-            except ValueError as exc:
-                raise _generic(str(exc)) from None
-            node.virtual_size = header.size
-            node.header_backing_file = header.backing_file
-            node.header_backing_format = header.backing_format
-            backing = options.get("backing", ...)
-            g.nodes[name] = node
-            try:
-                if backing is None:
-                    node.backing_null = True
-                elif isinstance(backing, str):
-                    target = g.lookup(backing)
-                    node.backing = target.node_name
-                    node.backing_file = self._reported_filename(target)
-                elif backing is ... and header.backing_file:
-                    node.backing = self._open_backing(header.backing_file, header.backing_format)
-                    node.backing_file = header.backing_file
-                elif backing is not ...:
-                    raise _generic("fake QMP: only a node name or null is modelled for 'backing'")
-            except BaseException:
-                g.nodes.pop(name, None)
-                raise
-            return node
-        except BaseException:
-            if created_child:
-                g.nodes.pop(child.node_name, None)
-            raise
-
-    def _open_backing(self, filename: str, fmt: str | None) -> str:
-        """Open a backing chain from an image's header, as QEMU does (auto-named, read-only)."""
-        for other in self._graph.nodes.values():
-            if (
-                other.driver == "file" and other.filename == filename and not other.read_only
-                and self._graph.parents(other.node_name)
-            ):
-                raise _generic('Could not open backing file: Failed to get shared "write" lock')
-        try:
-            node = self._blockdev_add(
-                {"driver": fmt or "qcow2", "read-only": True,
-                 "file": {"driver": "file", "filename": filename, "read-only": True}},
-                auto=True,
-            )
-        except FakeQMPError as exc:
-            raise _generic(f"Could not open backing file: {exc.desc}") from None
-        return node.node_name
-
-    # transaction ------------------------------------------------------------------------------
-
-    def _blockdev_snapshot(self, g: _Graph, action: Mapping[str, Any]) -> None:
-        kind = action.get("type")
-        if kind is None:
-            raise _generic("Parameter 'type' is missing")
-        if kind == "abort":
-            raise _generic("Transaction aborted using Abort action")
-        if kind != "blockdev-snapshot":
-            raise _generic(f"fake QMP: transaction action '{kind}' is not modelled")
-        data = action.get("data")
-        if not isinstance(data, dict):
-            raise _generic("Parameter 'data' is missing")
-        for key in ("node", "overlay"):
-            if key not in data:
-                raise _generic(f"Parameter 'data.{key}' is missing")
-            if not isinstance(data[key], str):
-                raise _generic(f"Invalid parameter type for 'data.{key}', expected: string")
-        old = g.lookup(data["node"])
-        parent = g.backing_parent(old.node_name)
-        if parent is not None:
-            raise _generic(f"Node '{old.node_name}' is busy: node is used as backing hd of '{parent}'")
-        new = g.lookup(data["overlay"])
-        if g.parents(new.node_name):
-            raise _generic("The overlay is already in use")
-        if new.backing is not None:
-            raise _generic("The overlay already has a backing image")
-        if new.driver != "qcow2":
-            raise _generic("The overlay does not support backing images")
-        # bdrv_append(): every parent of the old node now uses the overlay, whose backing
-        # node the old one becomes (reopened read-only).
-        for device in g.devices.values():
-            if device.root == old.node_name:
-                device.root = new.node_name
-        for node in g.nodes.values():
-            if node is new:
-                continue
-            if node.file == old.node_name:
-                node.file = new.node_name
-            if node.backing == old.node_name:
-                node.backing = new.node_name
-        new.backing = old.node_name
-        new.backing_file = self._reported_filename(old, g)
-        old.read_only = True
+        return self._block.node_info(node_name, flat=flat)
 
     # jobs -------------------------------------------------------------------------------------
 
@@ -1803,328 +987,21 @@ class FakeQMPServer:
         Raises:
             FakeQMPError: a job with this id exists.
         """
-        job = self._new_job(job_id, job_type, duration, error, None)
-        job._task = asyncio.ensure_future(self._run_job(job, announce=True))
-        return job
-
-    def _new_job(
-        self, job_id: str, job_type: str, duration: float | None, error: str | None,
-        work: JobWork | None,
-    ) -> FakeJob:
-        if job_id in self.jobs:
-            raise FakeQMPError("GenericError", f"Job ID '{job_id}' already in use")
-        job = FakeJob(job_id, job_type, error=error, duration=duration)
-        job._work = work
-        self.jobs[job_id] = job
-        return job
+        return self._job_runner.start(job_id, job_type, duration=duration, error=error)
 
     async def _start_announced_job(
         self, call: FakeCall, job_id: str, job_type: str, duration: float | None,
         error: str | None, work: JobWork | None,
     ) -> FakeJob:
-        fault = call.fault
-        if fault is not None and fault.kind is FaultKind.JOB_ERROR:
-            error, work = fault.desc, None
-        if fault is not None and fault.kind is FaultKind.JOB_DELAY and duration is not None:
-            duration += fault.seconds
-        job = self._new_job(job_id, job_type, duration, error, work)
-        await self._set_job_status(job, "created")
-        await self._set_job_status(job, "running")
-        job._task = asyncio.ensure_future(self._run_job(job, announce=False))
-        return job
-
-    async def _set_job_status(self, job: FakeJob, status: str) -> None:
-        job.status = status
-        await self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": status})
-
-    async def _run_job(self, job: FakeJob, *, announce: bool) -> None:
-        await asyncio.sleep(0)  # the command's reply goes out first
-        if announce:
-            await self._set_job_status(job, "created")
-            await self._set_job_status(job, "running")
-        try:
-            await asyncio.wait_for(job._cancelled.wait(), job.duration)
-            job.error = "Operation cancelled"
-        except asyncio.TimeoutError:
-            pass
-        if job.error is None and job._work is not None:
-            try:
-                job.error = job._work()
-            except Exception as exc:  # a broken job: conclude with its error, and log it
-                log.exception("fake QMP job %s failed", job.id)
-                job.error = f"fake job failed: {exc!r}"
-        if job.error is not None:
-            await self._set_job_status(job, "aborting")
-        else:
-            await self._set_job_status(job, "waiting")
-            await self._set_job_status(job, "pending")
-        await self._set_job_status(job, "concluded")
+        return await self._job_runner.start_announced(
+            call.fault, job_id, job_type, duration, error, work
+        )
 
     # built-in handlers ------------------------------------------------------------------------
 
-    def _install_builtin_handlers(self) -> None:
-        h = self.handlers
-
-        def qmp_capabilities(call: FakeCall) -> dict[str, Any]:
-            if call.connection.negotiated:
-                raise FakeQMPError(
-                    "CommandNotFound", "Capabilities negotiation is already complete, "
-                    "command ignored",
-                )
-            enable = call.arg("enable", list, [])
-            for cap in enable:
-                if cap != "oob":
-                    raise FakeQMPError(
-                        "GenericError", f"Parameter 'enable' does not accept value '{cap}'"
-                    )
-            call.connection.oob = "oob" in enable
-            call.connection.negotiated = True
-            return {}
-
-        def query_status(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call)
-            if not self.profile.status_singlestep:
-                return {"running": self.status == "running", "status": self.status}
-            return {"running": self.status == "running", "singlestep": False,
-                    "status": self.status}
-
-        def query_version(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call)
-            major, minor, micro = self.version
-            return {"qemu": {"major": major, "minor": minor, "micro": micro},
-                    "package": self.package}
-
-        def query_commands(call: FakeCall) -> list[dict[str, str]]:
-            return [{"name": name} for name in sorted(self.handlers)]
-
-        def query_chardev(call: FakeCall) -> list[dict[str, Any]]:
-            _no_arguments(call)
-            return [{"label": label, "filename": info.get("filename", ""),
-                     "frontend-open": info.get("frontend-open", False)}
-                    for label, info in self.chardevs.items()]
-
-        def qom_list(call: FakeCall) -> list[dict[str, str]]:
-            path = call.arg("path", str).rstrip("/") or "/"
-            obj = self.qom.get(path)
-            if obj is None:
-                raise FakeQMPError("DeviceNotFound", f"Device '{path}' not found")
-            entries = [{"name": "type", "type": "string"}]
-            entries += [{"name": p, "type": "string"} for p in obj.properties]
-            prefix = path + "/"
-            for child_path, child in self.qom.items():
-                rest = child_path[len(prefix):]
-                if child_path.startswith(prefix) and rest and "/" not in rest:
-                    entries.append({"name": rest, "type": f"child<{child.type}>"})
-            return entries
-
-        def qom_get(call: FakeCall) -> Any:
-            path = call.arg("path", str).rstrip("/") or "/"
-            prop = call.arg("property", str)
-            obj = self.qom.get(path)
-            if obj is None:
-                raise FakeQMPError("DeviceNotFound", f"Device '{path}' not found")
-            if prop == "type":
-                return obj.type
-            if prop not in obj.properties:
-                raise FakeQMPError("GenericError", f"Property '{obj.type}.{prop}' not found")
-            return obj.properties[prop]
-
-        def query_block(call: FakeCall) -> list[dict[str, Any]]:
-            _no_arguments(call)
-            return list(self.block_devices)
-
-        def query_named_block_nodes(call: FakeCall) -> list[dict[str, Any]]:
-            _no_arguments(call, "flat")
-            flat = call.arg("flat", bool, False)
-            if self._block_nodes_override is not None:
-                return list(self._block_nodes_override)
-            return [self.node_info(n, flat=flat) for n in reversed(list(self._graph.nodes))]
-
-        def query_jobs(call: FakeCall) -> list[dict[str, Any]]:
-            return [job.info() for job in self.jobs.values()]
-
-        def find_job(call: FakeCall) -> FakeJob:
-            job_id = call.arg("id", str)
-            job = self.jobs.get(job_id)
-            if job is None:
-                raise FakeQMPError("GenericError", "Job not found")
-            return job
-
-        def job_cancel(call: FakeCall) -> dict[str, Any]:
-            job = find_job(call)
-            if job.status in ("concluded", "aborting", "null"):
-                raise FakeQMPError(
-                    "GenericError",
-                    f"Job '{job.id}' in state '{job.status}' cannot accept command verb 'cancel'",
-                )
-            job._cancelled.set()
-            return {}
-
-        async def job_dismiss(call: FakeCall) -> dict[str, Any]:
-            job = find_job(call)
-            if job.status != "concluded":
-                raise FakeQMPError(
-                    "GenericError",
-                    f"Job '{job.id}' in state '{job.status}' cannot accept command verb 'dismiss'",
-                )
-            del self.jobs[job.id]
-            await self.emit("JOB_STATUS_CHANGE", {"id": job.id, "status": "null"})
-            return {}
-
-        async def stop(call: FakeCall) -> dict[str, Any]:
-            self.status = "paused"
-            await self.emit("STOP")
-            return {}
-
-        async def cont(call: FakeCall) -> dict[str, Any]:
-            self.status = "running"
-            await self.emit("RESUME")
-            return {}
-
-        h.update({
-            "qmp_capabilities": qmp_capabilities,
-            "query-status": query_status,
-            "query-version": query_version,
-            "query-commands": query_commands,
-            "query-chardev": query_chardev,
-            "qom-list": qom_list,
-            "qom-get": qom_get,
-            "query-block": query_block,
-            "query-named-block-nodes": query_named_block_nodes,
-            "query-jobs": query_jobs,
-            "job-cancel": job_cancel,
-            "job-dismiss": job_dismiss,
-            "stop": stop,
-            "cont": cont,
-        })
-
-    def _install_block_handlers(self) -> None:
-        def blockdev_add(call: FakeCall) -> dict[str, Any]:
-            self._blockdev_add(dict(call.arguments))
-            return {}
-
-        def blockdev_del(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call, "node-name")
-            name = _string_arg(call, "node-name")
-            self.blockdev_del(name)
-            return {}
-
-        def transaction(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call, "actions", "properties")
-            actions = call.arguments.get("actions")
-            if actions is None:
-                raise _generic("Parameter 'actions' is missing")
-            if not isinstance(actions, list):
-                raise _generic("Invalid parameter type for 'actions', expected: array")
-            for i, action in enumerate(actions):
-                if not isinstance(action, dict):
-                    raise _generic(f"Invalid parameter type for 'actions[{i}]', expected: object")
-            self.snapshot(actions)
-            return {}
-
-        async def blockdev_create(call: FakeCall) -> dict[str, Any]:
-            _no_arguments(call, "job-id", "options")
-            job_id = _string_arg(call, "job-id")
-            options = call.arguments.get("options")
-            if options is None:
-                raise _generic("Parameter 'options' is missing")
-            if not isinstance(options, dict):
-                raise _generic("Invalid parameter type for 'options', expected: object")
-            work = self._create_work(options)
-            if job_id in self.jobs:
-                raise _generic(f"Job ID '{job_id}' already in use")
-            await self._start_announced_job(call, job_id, "create", self.job_duration, None, work)
-            return {}
-
-        self.handlers.update({
-            "blockdev-add": blockdev_add,
-            "blockdev-del": blockdev_del,
-            "transaction": transaction,
-            "blockdev-create": blockdev_create,
-        })
-
-    def _create_work(self, options: Mapping[str, Any]) -> JobWork:
-        """Check ``blockdev-create`` options like QEMU's QAPI layer; return the job's work."""
-        driver = options.get("driver")
-        if driver is None:
-            raise _generic("Parameter 'options.driver' is missing")
-        if not isinstance(driver, str):
-            raise _generic("Invalid parameter type for 'options.driver', expected: string")
-        if driver not in _QEMU_DRIVERS:
-            raise _generic(f"Parameter 'options.driver' does not accept value '{driver}'")
-        allowed = _CREATE_OPTIONS.get(driver, frozenset({"driver"}))
-        self._check_options(options, allowed, "options.")
-        if driver not in _CREATE_OPTIONS:
-            raise _generic("Driver does not support blockdev-create")
-        size = options.get("size")
-        if size is None:
-            raise _generic("Parameter 'options.size' is missing")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise _generic("Invalid parameter type for 'options.size', expected: integer")
-        if driver == "file":
-            filename = options.get("filename")
-            if filename is None:
-                raise _generic("Parameter 'options.filename' is missing")
-            if not isinstance(filename, str):
-                raise _generic("Invalid parameter type for 'options.filename', expected: string")
-            return lambda: _create_file(filename, size)
-        file_ref = options.get("file")
-        if file_ref is None:
-            raise _generic("Parameter 'options.file' is missing")
-        if not isinstance(file_ref, str):
-            raise _generic("fake QMP: only a node name is modelled for 'options.file'")
-        backing_file = options.get("backing-file")
-        backing_fmt = options.get("backing-fmt")
-        for key, value in (("backing-file", backing_file), ("backing-fmt", backing_fmt)):
-            if value is not None and not isinstance(value, str):
-                raise _generic(f"Invalid parameter type for 'options.{key}', expected: string")
-
-        def work() -> str | None:
-            node = self._graph.nodes.get(file_ref)
-            if node is None:
-                return f"Cannot find device='{file_ref}' nor node-name='{file_ref}'"
-            if node.driver != "file":
-                return f"fake QMP: node '{file_ref}' is not a file node"
-            if size % 512:
-                return "Image size must be a multiple of 512 bytes"
-            try:
-                create_qcow2_image(node.filename, size, backing_file=backing_file,
-                                   backing_format=backing_fmt)
-            except OSError as exc:
-                return f"Could not write qcow2 header: {_strerror(exc)}"
-            return None
-
-        return work
-
-
-def _create_file(filename: str, size: int) -> str | None:
-    """``blockdev-create`` driver ``file``: create (or truncate) the file, like QEMU."""
-    try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        return f"Could not create '{filename}': {_strerror(exc)}"
-    try:
-        os.ftruncate(fd, 0)
-        os.ftruncate(fd, size)
-    except OSError as exc:
-        return f"Could not resize file: {_strerror(exc)}"
-    finally:
-        os.close(fd)
-    return None
-
-
-def _no_arguments(call: FakeCall, *allowed: str) -> None:
-    """Refuse unexpected arguments like QEMU's QAPI input visitor."""
-    for key in call.arguments:
-        if key not in allowed:
-            raise _generic(f"Parameter '{key}' is unexpected")
-
-
-def _string_arg(call: FakeCall, name: str) -> str:
-    if name not in call.arguments:
-        raise _generic(f"Parameter '{name}' is missing")
-    value = call.arguments[name]
-    if not isinstance(value, str):
-        raise _generic(f"Invalid parameter type for '{name}', expected: string")
-    return value
-
+    def named_block_nodes(self, *, flat: bool = True) -> list[dict[str, Any]]:
+        """What ``query-named-block-nodes`` answers: :attr:`block_nodes` if assigned, else the
+        graph's nodes, newest first (``flat``: without their backing images). Raises nothing."""
+        if self._block_nodes_override is not None:
+            return list(self._block_nodes_override)
+        return [self.node_info(n, flat=flat) for n in reversed(list(self._block.graph.nodes))]

@@ -59,9 +59,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 
+from ._server import AsyncService
 from .fake_agent import DEBIAN13_VERSION, DEFAULT_VERSION, AgentFault, AgentInjection, FakeAgent
 from .fake_qmp import FakeCall, FakeQMPError, FakeQMPServer, create_qcow2_image
 
@@ -122,7 +122,21 @@ class TransactionRecord:
     time: float
 
 
-class FakeVM:
+@dataclass(frozen=True)
+class _Build:
+    """The constructor options of a :class:`FakeVM` that only :meth:`FakeVM.start` reads."""
+
+    disks: int
+    workdir: Path | None
+    disk_size: int
+    backing_images: bool
+    agent_running: bool
+    tcp: bool
+    agent_options: dict[str, Any]
+    vserport_rate_limit: float
+
+
+class FakeVM(AsyncService):
     """A fake QEMU VM with a guest agent, for tests that need no real VM (see the module doc).
 
     ``async with FakeVM() as vm:`` starts it and stops it (also on error); or :meth:`start`
@@ -181,17 +195,14 @@ class FakeVM:
         if peer not in FAKE_PEERS:
             raise ValueError(f"peer must be one of {', '.join(FAKE_PEERS)}, not {peer!r}")
         self.peer = peer
-        self._disk_count = disks
-        self._workdir_arg = Path(workdir) if workdir is not None else None
-        self._disk_size = disk_size
-        self._backing_images = backing_images
-        self._agent_running = agent_running
+        # How to build the VM (read by start() only), apart from the options tests may change.
+        self._build = _Build(
+            disks, Path(workdir) if workdir is not None else None, disk_size, backing_images,
+            agent_running, tcp, dict(agent_options or {}), vserport_rate_limit,
+        )
         self.boot_time = boot_time
         self.no_reboot = no_reboot
         self.no_shutdown = no_shutdown
-        self._tcp = tcp
-        self._agent_options = dict(agent_options or {})
-        self._vserport_rate_limit = vserport_rate_limit
         self.agent_port_id = AGENT_PORT_ID
         self.agent_chardev = AGENT_CHARDEV
         self.workdir = Path()
@@ -231,20 +242,20 @@ class FakeVM:
             raise
 
     async def _start(self) -> None:
-        if self._workdir_arg is None:
+        if self._build.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="qmpagent-fakevm-"))
             self._owns_workdir = True
         else:
-            self.workdir = self._workdir_arg
+            self.workdir = self._build.workdir
             self.workdir.mkdir(parents=True, exist_ok=True)
         disks = []
-        for i in range(self._disk_count):
+        for i in range(self._build.disks):
             path = self.workdir / f"data{i}.qcow2"
-            base = self.workdir / f"base{i}.qcow2" if self._backing_images else None
+            base = self.workdir / f"base{i}.qcow2" if self._build.backing_images else None
             if base is not None:
-                create_qcow2_image(base, self._disk_size)
+                create_qcow2_image(base, self._build.disk_size)
             create_qcow2_image(
-                path, self._disk_size,
+                path, self._build.disk_size,
                 backing_file=str(base) if base is not None else None,
                 backing_format="qcow2" if base is not None else None,
             )
@@ -253,13 +264,13 @@ class FakeVM:
         self.disks = tuple(disks)
 
         qmp = FakeQMPServer(
-            None if self._tcp else self.workdir / "qmp.sock",
-            tcp=self._tcp,
+            None if self._build.tcp else self.workdir / "qmp.sock",
+            tcp=self._build.tcp,
             agent_port=True,
-            agent_port_open=self._agent_running,
+            agent_port_open=self._build.agent_running,
             disk=False,
             block_commands=True,
-            vserport_rate_limit=self._vserport_rate_limit,
+            vserport_rate_limit=self._build.vserport_rate_limit,
             max_clients=1,
             version=FAKE_PEERS[self.peer][0],
         )
@@ -278,18 +289,18 @@ class FakeVM:
         options: dict[str, Any] = {
             "version": FAKE_PEERS[self.peer][1],
             "mountpoints": [d.mountpoint for d in self.disks],
-            "port_open": self._agent_running,
+            "port_open": self._build.agent_running,
             "on_port_change": self._on_port_change,
             "on_shutdown": self._on_guest_shutdown,
         }
-        if self._tcp:
+        if self._build.tcp:
             options["host"] = "127.0.0.1"
         else:
             options["path"] = self.workdir / "qga.sock"
-        options.update(self._agent_options)
+        options.update(self._build.agent_options)
         self._agent = FakeAgent(**options)
         await qmp.start()
-        if self._agent_running:
+        if self._build.agent_running:
             # As if the agent had just opened its port at boot (like boot_guest(), which
             # returns then): QEMU's throttle period for the port's events runs from now.
             await qmp.queue_event(
@@ -328,18 +339,6 @@ class FakeVM:
         if self._qmp is not None:
             await self._qmp.close()
         self._exited.set()
-
-    async def __aenter__(self) -> FakeVM:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # ---------------------------------------------------------------------------- properties
 
