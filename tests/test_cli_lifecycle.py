@@ -13,6 +13,7 @@ from qmpagent.cli import ExitCode
 from qmpagent.cli.failures import exit_code_for
 from qmpagent.testing import FakeVM
 
+
 @pytest.mark.asyncio
 async def test_chain_and_commit(fake_vm: FakeVM) -> None:
     qmp, agent, w = fake_vm.qmp_address, fake_vm.agent_address, fake_vm.workdir
