@@ -374,6 +374,19 @@ class GuestAgent:
         """Whether the connection is open (it may still be out of sync)."""
         return not self._closed and self._conn.state is not State.CLOSED
 
+    def socket_fileno(self) -> int | None:
+        """The connected socket's file descriptor, or None (closed, or not a socket): what the
+        freeze guard (:mod:`qmpagent.guard`) is handed a duplicate of. Do not read from it or
+        change its flags while this client is in use."""
+        if not self.is_connected:
+            return None
+        sock = self._writer.get_extra_info("socket")
+        try:
+            fd = sock.fileno() if sock is not None else -1
+        except (OSError, ValueError):
+            return None
+        return fd if isinstance(fd, int) and fd >= 0 else None
+
     @property
     def in_sync(self) -> bool:
         """Whether the next command can be sent without a resync first."""
