@@ -387,6 +387,17 @@ class GuestAgent:
             return None
         return fd if isinstance(fd, int) and fd >= 0 else None
 
+    def hold_reading(self, hold: bool) -> None:
+        """Stop (``True``) or resume (``False``) reading from the socket while no command is
+        in flight: while the freeze guard may speak on a duplicate of it (:mod:`qmpagent.guard`),
+        only one process may read it. Raises nothing."""
+        transport = self._writer.transport
+        with contextlib.suppress(AttributeError, RuntimeError, OSError):
+            if hold:
+                transport.pause_reading()  # type: ignore[attr-defined]
+            else:
+                transport.resume_reading()  # type: ignore[attr-defined]
+
     @property
     def in_sync(self) -> bool:
         """Whether the next command can be sent without a resync first."""

@@ -261,6 +261,8 @@ async def _settle_entry(mon: Monitor, handle: _AgentHandle, journal: Journal, en
     op = entry.op
     try:
         await _settle_freeze(handle, journal, entry, report, timeout, may_thaw)
+        if len(report.unresolved) > before:
+            return  # the freeze first: nothing else of this entry is touched meanwhile
         await _settle_jobs(mon, entry, report, timeout)
         await _settle_nodes(mon, entry, report, timeout)
     except MonitorError as exc:

@@ -740,6 +740,13 @@ class _Operation:
             if not self.state.must_settle:
                 guard.disarm()
             await guard.close()
+            agent = self.agent
+            if agent is not None and agent.is_connected:
+                agent.hold_reading(False)
+                if guard.took_over is not None:
+                    # The guard spoke on this connection: resync before it is used again.
+                    with contextlib.suppress(AgentError):
+                        await agent.sync(timeout=self.t.agent)
         entry = self.entry
         if entry is None:
             return
@@ -815,11 +822,31 @@ class _Operation:
         if self.entry is not None and self.entry.step == "freeze":
             self._journal_write("settled", required=False)
 
-    def _turn(self) -> contextlib.AbstractContextManager[bool]:
-        """Around an agent command after the guard was armed: True if ours to send."""
-        if self.guard is None:
-            return contextlib.nullcontext(True)
-        return self.guard.turn()
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[bool]:
+        """Around an agent command after the guard was armed: True if ours to send. Between
+        such commands our connection does not read from the agent socket (the guard may be
+        reading its duplicate): reading resumes for the command only."""
+        guard, agent = self.guard, self.agent
+        if guard is None or not guard.armed or agent is None:
+            yield True
+            return
+        with guard.turn() as mine:
+            if not mine:
+                yield False
+                return
+            agent.hold_reading(False)
+            try:
+                yield True
+            finally:
+                if guard.armed and agent is self.agent:
+                    agent.hold_reading(True)
+
+    def _hold_agent(self) -> None:
+        """The freeze is ours (or may be) and the guard is armed: stop reading the agent
+        socket until our next command (one syscall, in the window)."""
+        if self.guard is not None and self.guard.armed and self.agent is not None:
+            self.agent.hold_reading(True)
 
     def _guard_has_it(self) -> bool:
         guard = self.guard
@@ -1026,6 +1053,8 @@ class _Operation:
                     finally:
                         if not st.must_settle:
                             self._disarm_guard()
+                        else:
+                            self._hold_agent()
             with self._phase(Phase.TRANSACTION):
                 await self._snapshot()
         finally:
