@@ -1,4 +1,6 @@
-"""The freeze guard process (``python -m qmpagent._guard_main``): see :mod:`qmpagent.guard`.
+"""The freeze guard process (``python -m qmpagent._guard_main``, or faster
+:data:`qmpagent._guard_wire.BOOT`): see
+:mod:`qmpagent.guard`.
 
 Blocking code, no event loop: it waits on its control socket with ``poll`` and, when it has to
 act, speaks the agent protocol through the sans-I/O :class:`~qmpagent.agent_protocol.AgentConnection`
@@ -19,9 +21,9 @@ import sys
 import time
 from typing import Any
 
+from ._guard_wire import GRACE
 from .agent_protocol import AgentConnection, ErrorReply, NeedData, Reply, State, Synced, Yield
 from .errors import AgentError, JournalError
-from .guard import GRACE
 from .journal import GuardRecord, Journal
 
 _ATTEMPT: float = 5.0  # seconds one sync/status/thaw attempt may take

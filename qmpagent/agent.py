@@ -283,6 +283,7 @@ class GuestAgent:
         self.name = name
         self._log = log.getChild(name)
         self._closed = False
+        self._hold = False  # see hold_reading
         #: Syncs performed on this connection (the first one on connect included).
         self.syncs = 0
         #: Commands handed to the transport so far (syncs not counted), and the last one. A
@@ -388,15 +389,20 @@ class GuestAgent:
         return fd if isinstance(fd, int) and fd >= 0 else None
 
     def hold_reading(self, hold: bool) -> None:
-        """Stop (``True``) or resume (``False``) reading from the socket while no command is
-        in flight: while the freeze guard may speak on a duplicate of it (:mod:`qmpagent.guard`),
-        only one process may read it. Raises nothing."""
+        """Stop (``True``) or resume (``False``) reading from the socket while no command of
+        this client is in flight (a command reads while it waits for its reply, then stops
+        again): while the freeze guard may speak on a duplicate of the socket
+        (:mod:`qmpagent.guard`), only one process may read it. Raises nothing."""
+        self._hold = hold
+        self._set_reading(not hold)
+
+    def _set_reading(self, reading: bool) -> None:
         transport = self._writer.transport
         with contextlib.suppress(AttributeError, RuntimeError, OSError):
-            if hold:
-                transport.pause_reading()  # type: ignore[attr-defined]
-            else:
+            if reading:
                 transport.resume_reading()  # type: ignore[attr-defined]
+            else:
+                transport.pause_reading()  # type: ignore[attr-defined]
 
     @property
     def in_sync(self) -> bool:
@@ -434,6 +440,8 @@ class GuestAgent:
                 continue
             if not isinstance(event, NeedData):
                 return event
+            if self._hold:
+                self._set_reading(True)  # held between commands only: this one reads
             try:
                 data = await self._reader.read(_READ_CHUNK)
             except OSError as exc:
@@ -492,6 +500,8 @@ class GuestAgent:
                             # Timeout, cancellation, protocol error, lost connection: a reply may
                             # still come, so the channel is out of sync until the next command.
                             self._conn.abandon()
+                        if self._hold:
+                            self._set_reading(False)
         except TimeoutError as exc:
             raise AgentTimeout(f"{command}: no reply within {limit:g}s") from exc
         except AgentCommandError:
@@ -588,6 +598,9 @@ class GuestAgent:
                     except BaseException:
                         self._conn.abandon()
                         raise
+                    finally:
+                        if self._hold:
+                            self._set_reading(False)
         except TimeoutError as exc:
             raise AgentUnavailable(f"no answer to guest-sync-delimited within {limit:g}s") from exc
 

@@ -4,8 +4,9 @@ stuck while a freeze of ours may be in place (issue 13; docs/design.md section 2
 How it works (the orchestrator's side is :class:`FreezeGuard`, the guard's is
 :mod:`qmpagent._guard_main`):
 
-* Started before the freeze, outside the window (``sys.executable -m qmpagent._guard_main``,
-  its own session, so that a signal to the orchestrator's process group does not reach it),
+* Started before the freeze, outside the window (``sys.executable -I -S -c BOOT``: the
+  :mod:`qmpagent._guard_main` entry without importing the whole package), in its own session,
+  so that a signal to the orchestrator's process group does not reach it,
   with three file descriptors: a ``SOCK_SEQPACKET`` control socket (the other end stays in the
   orchestrator only: its EOF means the orchestrator's process is gone), a duplicate of the
   orchestrator's connected agent socket, and a lock (a ``memfd`` the guard re-opens, so each
@@ -51,14 +52,11 @@ from typing import Final
 
 import anyio
 
+from ._guard_wire import BOOT, GRACE
+
 __all__ = ["GRACE", "FreezeGuard", "GuardResult"]
 
 log = logging.getLogger(__name__)
-
-#: Seconds after the freeze deadline before the guard acts on a stuck orchestrator (the
-#: orchestrator's own thaw at the deadline comes first; the guard's resync, status and thaw
-#: take a few ms to tens of ms more: thawed well within 1 s of the deadline).
-GRACE: Final = 0.25
 
 _MSG_MAX: Final = 4096
 
@@ -74,8 +72,8 @@ class GuardResult:
     detail: str = ""
 
 
-def _package_root() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+def _package_dir() -> str:
+    return str(Path(__file__).resolve().parent)
 
 
 class FreezeGuard:
@@ -111,12 +109,9 @@ class FreezeGuard:
         lock_fd = -1
         try:
             lock_fd = os.memfd_create("qmpagent-guard-lock", os.MFD_CLOEXEC)
-            env = dict(os.environ)
-            root = _package_root()
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             fds = (theirs.fileno(), agent_fd, lock_fd)
             argv = [
-                sys.executable, "-m", "qmpagent._guard_main",
+                sys.executable, "-I", "-S", "-c", BOOT, _package_dir(),
                 "--control-fd", str(theirs.fileno()),
                 "--agent-fd", str(agent_fd),
                 "--lock-fd", str(lock_fd),
@@ -126,7 +121,7 @@ class FreezeGuard:
                 "--parent", str(os.getpid()),
             ]
             self.proc = subprocess.Popen(
-                argv, pass_fds=fds, start_new_session=True, env=env,
+                argv, pass_fds=fds, start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             )
         except BaseException:

@@ -57,7 +57,7 @@ def guard_pids() -> list[int]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if (b"qmpagent._guard_main" in argv and b"--parent" in argv
+        if (any(b"qmpagent._guard_main" in a for a in argv) and b"--parent" in argv
                 and argv[argv.index(b"--parent") + 1].decode() == me):
             found.append(int(pid))
     return found
