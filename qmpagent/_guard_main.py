@@ -168,21 +168,28 @@ class Guard:
             alive = self.read_ctl(timeout)
             if not alive:
                 if self.armed:
-                    self.act("the orchestrator died")
+                    self.act("the orchestrator died")  # always acts: nobody can disarm now
                 elif self.was_armed:
                     # It died after it had settled its freeze (thawed, or it froze nothing):
                     # say so, so that recovery never takes a later freeze for ours.
                     self.record("not-frozen", 0, "the orchestrator died",
                                 "it had settled its freeze before it died")
                 return 0
-            if self.armed and time.monotonic() >= self.deadline + GRACE:
-                self.act("deadline")
+            if self.armed and time.monotonic() >= self.deadline + GRACE and self.act("deadline"):
                 return 0
         return 0
 
-    def act(self, reason: str) -> None:
+    def _postponed(self, alive: bool) -> bool:
+        """A live orchestrator moved the deadline (it is in its thaw phase) or disarmed."""
+        return not self.armed or self.done or (
+            alive and time.monotonic() < self.deadline + GRACE
+        )
+
+    def act(self, reason: str) -> bool:
+        """Take the agent over and thaw if frozen; False if there was no need after all (a
+        disarm, or a later deadline, came meanwhile: keep waiting)."""
         # The lock: the orchestrator holds it while it talks to the agent after arming.
-        alive = True
+        alive = reason == "deadline"
         while True:
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -190,15 +197,14 @@ class Guard:
             except BlockingIOError:
                 pass
             alive = self.read_ctl(0.005) and alive
-            if not self.armed or self.done:
-                return
-            if not alive:
-                # Dead, and its lock went with it: the next try succeeds.
-                continue
+            if self._postponed(alive):
+                return False
+            # Dead: its lock went with it, and the next try succeeds.
         if alive and not self.drain_ctl():
             alive = False
-        if not self.armed:
-            return  # a disarm came while we waited: the orchestrator thawed
+        if self._postponed(alive):
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+            return False  # a disarm or a later deadline came while we waited
         self.send(f"took-over {reason}")
         agent = _Agent(self.agent_fd)
         result, thawed, detail = "failed", 0, ""
@@ -225,6 +231,7 @@ class Guard:
         self.record(result, thawed, reason, detail)
         self.send(f"result {result} {thawed if result == 'thawed' else detail}")
         sys.stderr.write(f"qmpagent guard {self.op}: {reason}: {result} {thawed or detail}\n")
+        return True
 
 
     def record(self, result: str, thawed: int, reason: str, detail: str) -> None:
