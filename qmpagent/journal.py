@@ -191,7 +191,7 @@ class VMIdentity:
 
 def _peer(mon: Monitor) -> tuple[str | None, int | None]:
     """The QMP socket's peer address and, for a unix socket, the peer's pid (QEMU's)."""
-    writer = getattr(mon.client, "_writer", None)
+    writer = getattr(getattr(mon, "client", None), "_writer", None)
     if writer is None:
         return None, None
     sock = writer.get_extra_info("socket")

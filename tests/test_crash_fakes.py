@@ -369,3 +369,22 @@ async def test_killed_with_the_freeze_in_flight_over_a_foreign_freeze(
         report = await recover(mon, agent=fake_vm.agent_address, journal_dir=tmp_path)
     assert report.clean and report.thawed == 0, report.render()
     assert fake_vm.agent.foreign_frozen == [mp]  # left alone by the guard and by recover
+
+
+async def test_recover_without_an_agent_says_the_guest_may_be_frozen(fake_vm: FakeVM, tmp_path: Path) -> None:
+    ident = await _identity(fake_vm)
+    Journal(tmp_path).write(_entry(vm=ident, step="freeze", overlays=[]))
+    await fake_vm.stop_agent()
+    async with await Monitor.connect(fake_vm.qmp_address) as mon:
+        report = await recover(mon, agent=fake_vm.agent_address, journal_dir=tmp_path)
+        assert report.guest_may_be_frozen and report.exit_code == 8
+        assert "MAY BE FROZEN" in report.render()
+        doc = json.loads(json.dumps(report.to_dict()))
+        assert doc["exit_code"] == 8 and doc["unresolved"]
+        report = await recover(mon, agent=None, journal_dir=tmp_path)
+        assert report.exit_code == 8
+    assert len(list(Journal(tmp_path).scan())) == 1  # kept for a later recover
+    await fake_vm.start_agent()
+    async with await Monitor.connect(fake_vm.qmp_address) as mon:
+        report = await recover(mon, agent=fake_vm.agent_address, journal_dir=tmp_path)
+    assert report.clean and report.thawed == 0 and report.exit_code == 0
