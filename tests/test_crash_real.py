@@ -118,7 +118,7 @@ async def our_nodes(mon: Monitor) -> set[str]:
     return {n.node_name for n in await mon.named_block_nodes() if n.node_name.startswith("qa")}
 
 
-async def settle_and_check(r: Rig, run: Run, *, froze: bool) -> None:
+async def settle_and_check(r: Rig, run: Run, *, froze: bool, guard: tuple[str, ...] = ()) -> None:
     """After a run: thawed within 1 s (if we froze), recover, nothing of ours left, writer log."""
     kill = run.event("kill")
     sent = run.event("freeze-sent")
@@ -129,6 +129,8 @@ async def settle_and_check(r: Rig, run: Run, *, froze: bool) -> None:
         assert rec["result"] in ("thawed", "not-frozen"), rec
         assert kill is not None
         assert rec["at"] - kill["at"] < 1.0, (rec, kill)
+        if guard:
+            assert rec["result"] in guard, rec
         if rec["result"] == "thawed":
             assert rec["thawed"] == 1
     assert await agent_status(r) is FreezeStatus.THAWED
@@ -162,29 +164,30 @@ async def settle_and_check(r: Rig, run: Run, *, froze: bool) -> None:
 
 # --- SIGKILL at each point --------------------------------------------------------------------
 
-KILL_POINTS = [
-    ("phase:preflight:start", False),
-    ("phase:preflight:end", False),
-    ("qmp:blockdev-create:1", False),  # the file job in flight
-    ("qmp:blockdev-add:1", False),  # the file node
-    ("qmp:blockdev-create:2", False),  # the qcow2 job
-    ("qmp:blockdev-add:2", False),  # the qcow2 node (backing: null)
-    ("phase:prepare:end", False),
-    ("phase:freeze:start", False),  # the journal says "freeze"; not written yet
-    ("agent:freeze", True),  # freeze in flight
-    ("phase:transaction:start", True),  # inside the window
-    ("qmp:transaction:1", True),  # transaction in flight
-    ("agent:thaw", True),  # thaw in flight
-    ("phase:thaw:end", True),
+# (where, whether our freeze was sent, what the guard's record must say)
+KILL_POINTS: list[tuple[str, bool, tuple[str, ...]]] = [
+    ("phase:preflight:start", False, ()),
+    ("phase:preflight:end", False, ()),
+    ("qmp:blockdev-create:1", False, ()),  # the file job in flight
+    ("qmp:blockdev-add:1", False, ()),  # the file node
+    ("qmp:blockdev-create:2", False, ()),  # the qcow2 job
+    ("qmp:blockdev-add:2", False, ()),  # the qcow2 node (backing: null)
+    ("phase:prepare:end", False, ()),
+    ("phase:freeze:start", False, ()),  # the journal says "freeze"; not written yet
+    ("agent:freeze", True, ("thawed",)),  # freeze in flight
+    ("phase:transaction:start", True, ("thawed",)),  # inside the window
+    ("qmp:transaction:1", True, ("thawed",)),  # transaction in flight
+    ("agent:thaw", True, ("not-frozen", "thawed")),  # thaw in flight
+    ("phase:thaw:end", True, ("not-frozen",)),  # thawed and disarmed: the guard says so
 ]
 
 
-@pytest.mark.parametrize(("point", "froze"), KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
-async def test_sigkill(rig: Rig, point: str, froze: bool) -> None:
+@pytest.mark.parametrize(("point", "froze", "guard"), KILL_POINTS, ids=[p for p, _, _ in KILL_POINTS])
+async def test_sigkill(rig: Rig, point: str, froze: bool, guard: tuple[str, ...]) -> None:
     run = await drive(rig, "--kill", point)
     assert run.killed, (run.events, run.stderr)
     assert (run.event("freeze-sent") is not None) == froze
-    await settle_and_check(rig, run, froze=froze)
+    await settle_and_check(rig, run, froze=froze, guard=guard)
 
 
 async def test_sigkill_in_the_window_of_a_foreign_agent_freeze(rig: Rig) -> None:
