@@ -192,23 +192,30 @@ class _AgentHandle:
         self.timeout = timeout
         self.chardev = chardev
         self.own: GuestAgent | None = None
+        self.own_given = False
 
     async def get(self) -> GuestAgent:
         """Raises AgentError when it cannot be had."""
         from .errors import AgentUnavailable
 
-        if self.given is not None:
-            return self.given
         if self.own is not None:
             return self.own
-        if self.address is None:
+        if self.own_given and self.given is not None:
+            return self.given
+        if self.given is None and self.address is None:
             raise AgentUnavailable("no guest agent was given")
+        # Invariant 2 holds here too: the port first, then a sync, before any command.
         try:
             port_open = await self.mon.agent_port_open(self.chardev)
         except MonitorError as exc:
             raise AgentUnavailable(f"cannot read the agent port state: {exc}") from exc
         if not port_open:
             raise AgentUnavailable("the guest agent's port is closed in the guest")
+        if self.given is not None:
+            await self.given.sync(timeout=self.timeout)
+            self.own_given = True
+            return self.given
+        assert self.address is not None
         self.own = await GuestAgent.connect(self.address, timeout=self.timeout)
         return self.own
 
