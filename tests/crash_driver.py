@@ -12,6 +12,7 @@ POINT (SIGKILL of this process, the freeze guard's parent):
   ``agent:freeze``          right after the freeze request was handed to the transport
   ``agent:thaw``            while the thaw is in flight
 
+``--block qmp:transaction:1:3`` blocks the event loop for 3 s with that command in flight.
 ``--sleep transaction:3`` blocks the event loop (``time.sleep``) for 3 s in ``on_phase`` at
 the start of that phase. ``--kill-guard transaction`` SIGKILLs the freeze guard there.
 
@@ -74,13 +75,15 @@ def kill_guard() -> None:
 
 
 class KillingMonitor:
-    """A Monitor whose n-th ``command`` is left in flight when this process is killed."""
+    """A Monitor whose n-th ``command`` is left in flight when this process is killed (or,
+    with ``block``, while the event loop is blocked for that many seconds)."""
 
-    def __init__(self, inner: Monitor, command: str, n: int) -> None:
+    def __init__(self, inner: Monitor, command: str, n: int, block: float = 0.0) -> None:
         self._inner = inner
         self._command = command
         self._n = n
         self._seen = 0
+        self._block = block
 
     async def execute(self, command: str, arguments: Any = None, **kw: Any) -> Any:
         if command == self._command:
@@ -88,6 +91,10 @@ class KillingMonitor:
             if self._seen == self._n:
                 task = asyncio.ensure_future(self._inner.execute(command, arguments, **kw))
                 await asyncio.sleep(0.002)  # written to QEMU; its reply not read
+                if self._block:
+                    emit(event="block", at=time.time(), seconds=self._block)
+                    time.sleep(self._block)
+                    return await task
                 die(f"qmp:{command}:{self._n}")
                 await task
         return await self._inner.execute(command, arguments, **kw)
@@ -117,6 +124,7 @@ async def main() -> int:
     p.add_argument("--kill", default="")
     p.add_argument("--sleep", default="")
     p.add_argument("--kill-guard", default="")
+    p.add_argument("--block", default="", help="qmp:<command>:<n>:<seconds>")
     p.add_argument("--journal", default=None)
     args = p.parse_args()
     kill = args.kill
@@ -140,6 +148,9 @@ async def main() -> int:
     if kill.startswith("qmp:"):
         _, command, n = kill.split(":")
         target = KillingMonitor(mon, command, int(n))
+    elif args.block:
+        _, command, n, seconds = args.block.split(":")
+        target = KillingMonitor(mon, command, int(n), float(seconds))
 
     freeze = ga.fsfreeze_freeze
     thaw = ga.fsfreeze_thaw

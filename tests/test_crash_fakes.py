@@ -388,3 +388,17 @@ async def test_recover_without_an_agent_says_the_guest_may_be_frozen(fake_vm: Fa
     async with await Monitor.connect(fake_vm.qmp_address) as mon:
         report = await recover(mon, agent=fake_vm.agent_address, journal_dir=tmp_path)
     assert report.clean and report.thawed == 0 and report.exit_code == 0
+
+
+async def test_loop_blocked_with_the_transaction_in_flight(fake_vm: FakeVM, tmp_path: Path) -> None:
+    """The transaction is applied while this process is stuck; the guard thaws at the deadline:
+    the snapshot exists but is not guaranteed quiesced (required: an error saying so)."""
+    rc, events, err = await _drive(fake_vm, tmp_path, "--block", "qmp:transaction:1:2.5",
+                                   "--freeze-timeout", "0.5")
+    error = next((e for e in events if e["event"] == "error"), None)
+    assert rc == 1 and error is not None, (events, err)
+    assert "not guaranteed quiesced" in error["message"] and error["snapshot_taken"] is True
+    assert error["thawed"] > 0 and not fake_vm.agent.frozen
+    assert len(fake_vm.agent.calls("guest-fsfreeze-thaw")) == 1  # the guard's
+    assert fake_vm.active_node(0) != "disk0"  # the VM runs on the overlay: a consistent chain
+    assert os.listdir(tmp_path) == []
