@@ -63,6 +63,8 @@ class RecoveryReport:
         vm: the VM, as identified.
         guest_may_be_frozen: a freeze of ours may still be in place (the agent could not be
             reached, or the thaw failed).
+        other_vms: journal entries of other VMs (left alone; an entry of a VM that no longer
+            runs stays until removed by hand: its files may be that VM's images).
     """
 
     thawed: int = 0
@@ -76,6 +78,7 @@ class RecoveryReport:
     journal_errors: list[str] = field(default_factory=list)
     vm: str = ""
     guest_may_be_frozen: bool = False
+    other_vms: int = 0
 
     @property
     def clean(self) -> bool:
@@ -112,6 +115,7 @@ class RecoveryReport:
             "journal_errors": list(self.journal_errors),
             "unresolved": list(self.unresolved),
             "guest_may_be_frozen": self.guest_may_be_frozen,
+            "other_vms": self.other_vms,
             "exit_code": self.exit_code,
         }
 
@@ -134,6 +138,9 @@ class RecoveryReport:
             lines.append(f"  kept overlay {n} (the snapshot had been taken: it is the active layer)")
         for u in self.unresolved:
             lines.append(f"  UNRESOLVED: {u}")
+        if self.other_vms:
+            lines.append(f"  ({self.other_vms} journal entr{'y' if self.other_vms == 1 else 'ies'} "
+                         "of other VMs left alone)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -247,7 +254,10 @@ async def settle_journal(
             if isinstance(item, JournalError):
                 report.journal_errors.append(str(item))
                 continue
-            if item.op == skip_op or not item.vm.matches(identity):
+            if item.op == skip_op:
+                continue
+            if not item.vm.matches(identity):
+                report.other_vms += 1
                 continue
             if item.owner_alive:
                 report.in_progress.append(item.op)

@@ -193,6 +193,7 @@ async def test_a_guard_record_or_a_foreign_entry_prevents_any_thaw(fake_vm: Fake
         async with await Monitor.connect(fake_vm.qmp_address) as mon:
             report = await recover(mon, agent=ga, journal_dir=tmp_path)
         assert report.clean and report.thawed == 0 and report.settled == ["1" * 16]
+        assert report.other_vms == 1 and "other VMs" in report.render()
         assert fake_vm.agent.frozen
         await ga.fsfreeze_thaw()
     assert [e.op for e in j.scan() if isinstance(e, Entry)] == ["2" * 16]  # not this VM's
