@@ -4,7 +4,10 @@
   streams, job helpers and agent-port state.
 * :class:`GuestAgent`: native guest-agent client that stays in sync and survives a hostile guest.
 * :class:`SnapshotOrchestrator`: atomic, application-consistent external snapshots that freeze
-  briefly and never thaw a freeze they did not make.
+  briefly and never thaw a freeze they did not make; a freeze guard process thaws the guest
+  if the orchestrator dies or gets stuck inside the window.
+* :func:`recover` -> :class:`RecoveryReport`: settle what a dead operation left (journal in
+  ``$XDG_STATE_HOME/qmpagent``).
 
 All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for the tree.
 """
@@ -18,6 +21,7 @@ from .errors import (
     AgentUnavailable,
     EventOverflow,
     JobError,
+    JournalError,
     MonitorCommandError,
     MonitorError,
     MonitorProtocolError,
@@ -27,6 +31,7 @@ from .errors import (
     SnapshotError,
     SnapshotRecord,
     ThawError,
+    UnsettledOperationError,
     UsageError,
 )
 from .monitor import (
@@ -40,6 +45,7 @@ from .monitor import (
     QMPEvent,
     VirtioSerialPort,
 )
+from .recovery import RecoveryReport, recover
 from .snapshot import (
     FreezeOwner,
     FreezeState,
@@ -75,6 +81,7 @@ __all__ = [
     "GuestAgent",
     "JobError",
     "JobResult",
+    "JournalError",
     "Monitor",
     "MonitorCommandError",
     "MonitorError",
@@ -87,6 +94,7 @@ __all__ = [
     "QMPAgentError",
     "QMPEvent",
     "Quiesce",
+    "RecoveryReport",
     "SnapshotError",
     "SnapshotOrchestrator",
     "SnapshotRecord",
@@ -94,7 +102,9 @@ __all__ = [
     "ThawError",
     "Timeout",
     "TransactionState",
+    "UnsettledOperationError",
     "UsageError",
     "UseClientDefault",
     "VirtioSerialPort",
+    "recover",
 ]

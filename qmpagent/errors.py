@@ -16,7 +16,9 @@ Every error the library raises on purpose derives from :class:`QMPAgentError`::
     │   ├── MonitorProtocolError        QEMU's reply did not have the expected shape
     │   └── EventOverflow               an event queue overflowed; events were lost (.dropped)
     ├── SnapshotError                   a snapshot was not taken (carries what was done)
-    │   └── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
+    │   ├── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
+    │   └── UnsettledOperationError     a dead operation on this VM could not be settled, or one is live
+    ├── JournalError                    a journal file is torn, foreign or unwritable (.path)
     └── UsageError                      the caller misused the API (bad argument, wrong state)
 
 Lower-layer exceptions (``OSError``, ``qemu.qmp`` errors, ``json`` errors) are re-raised as one of
@@ -37,6 +39,7 @@ __all__ = [
     "AgentUnavailable",
     "EventOverflow",
     "JobError",
+    "JournalError",
     "MonitorCommandError",
     "MonitorError",
     "MonitorProtocolError",
@@ -46,6 +49,7 @@ __all__ = [
     "SnapshotError",
     "SnapshotRecord",
     "ThawError",
+    "UnsettledOperationError",
     "UsageError",
 ]
 
@@ -233,3 +237,35 @@ class ThawError(SnapshotError):
     THE GUEST MAY STILL BE FROZEN. Check with ``guest-fsfreeze-status`` and thaw by hand
     (``qmpagent agent fsfreeze thaw``) once the agent answers again.
     """
+
+
+class UnsettledOperationError(SnapshotError):
+    """A new snapshot was refused because an earlier operation on the same VM is unsettled:
+    one whose process died and that could not be settled (see :func:`qmpagent.recover` and
+    ``qmpagent recover``), or one that is still running in another process (two freeze/thaw
+    sequences on one guest would thaw each other's freeze). Nothing was changed.
+
+    Attributes:
+        unresolved: what could not be settled, one sentence each.
+    """
+
+    def __init__(self, message: str, unresolved: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.unresolved = list(unresolved or [])
+
+
+# --- journal -------------------------------------------------------------------------------------
+
+
+class JournalError(QMPAgentError):
+    """A journal file (``$XDG_STATE_HOME/qmpagent``) cannot be used: torn (not complete JSON),
+    foreign (not a qmpagent journal, or of another format version), or the directory cannot be
+    written. Such a file is never acted on, and never removed by qmpagent.
+
+    Attributes:
+        path: the file (or directory) concerned.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
