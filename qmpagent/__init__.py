@@ -4,9 +4,12 @@
   streams, job helpers and agent-port state.
 * :class:`GuestAgent`: native guest-agent client that stays in sync and survives a hostile guest.
 * :class:`SnapshotOrchestrator`: atomic, application-consistent external snapshots that freeze
-  briefly and never thaw a freeze they did not make; and their lifecycle: the backing chain
-  (:meth:`SnapshotOrchestrator.chain`) and merging overlays back (:meth:`SnapshotOrchestrator.commit`,
-  on the two-phase jobs of :meth:`Monitor.block_job`).
+  briefly and never thaw a freeze they did not make; a freeze guard process thaws the guest
+  if the orchestrator dies or gets stuck inside the window; and their lifecycle: the
+  backing chain (:meth:`SnapshotOrchestrator.chain`) and merging overlays back
+  (:meth:`SnapshotOrchestrator.commit`, on the two-phase jobs of :meth:`Monitor.block_job`).
+* :func:`recover` -> :class:`RecoveryReport`: settle what a dead operation left (journal in
+  ``$XDG_STATE_HOME/qmpagent``).
 
 All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for the tree.
 """
@@ -26,6 +29,7 @@ from .errors import (
     EventOverflow,
     JobError,
     JobReadyTimeout,
+    JournalError,
     MonitorCommandError,
     MonitorError,
     MonitorProtocolError,
@@ -36,6 +40,7 @@ from .errors import (
     SnapshotRecord,
     ThawError,
     UnknownMountpointError,
+    UnsettledOperationError,
     UsageError,
 )
 from .monitor import (
@@ -51,6 +56,7 @@ from .monitor import (
     QMPEvent,
     VirtioSerialPort,
 )
+from .recovery import RecoveryReport, recover
 from .snapshot import (
     FreezeOwner,
     FreezeState,
@@ -94,6 +100,7 @@ __all__ = [
     "JobProgress",
     "JobReadyTimeout",
     "JobResult",
+    "JournalError",
     "Monitor",
     "MonitorCommandError",
     "MonitorError",
@@ -106,6 +113,7 @@ __all__ = [
     "QMPAgentError",
     "QMPEvent",
     "Quiesce",
+    "RecoveryReport",
     "SnapshotError",
     "SnapshotOrchestrator",
     "SnapshotRecord",
@@ -114,7 +122,9 @@ __all__ = [
     "Timeout",
     "TransactionState",
     "UnknownMountpointError",
+    "UnsettledOperationError",
     "UsageError",
     "UseClientDefault",
     "VirtioSerialPort",
+    "recover",
 ]
