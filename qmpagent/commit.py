@@ -359,6 +359,11 @@ class _Commit:
                 return None
             if rec.base is None:
                 raise self.fail(f"cannot tell which node commit job {job_id} merges into")
+            # The dead run's speed limit is not this call's: this call's applies (none: none).
+            try:
+                await job.set_speed(self.speed or 0)
+            except MonitorError as exc:
+                log.info("cannot change the speed of job %s: %s", job_id, exc)
             await self.ready_and_pivot(job)
         return await self.finish(device)
 
