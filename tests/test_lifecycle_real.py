@@ -50,7 +50,9 @@ async def guest() -> AsyncIterator[Guest]:
 
 
 @contextlib.asynccontextmanager
-async def connected(guest: Guest, **options: Any) -> AsyncIterator[tuple[Monitor, GuestAgent, SnapshotOrchestrator]]:
+async def connected(
+    guest: Guest, **options: Any
+) -> AsyncIterator[tuple[Monitor, GuestAgent, SnapshotOrchestrator]]:
     async with await Monitor.connect(guest.qmp_path, command_timeout=TIMEOUT) as mon, \
             await GuestAgent.connect(guest.agent_path, timeout=TIMEOUT) as ga:
         orch = SnapshotOrchestrator(mon, agent=ga, journal_dir=guest.workdir / "journal",
@@ -111,7 +113,8 @@ async def read_log_from_image(guest: Guest, ga: GuestAgent) -> tuple[WriterLog, 
 
 async def test_three_snapshots_then_commit_to_the_original(guest: Guest) -> None:
     async with connected(guest) as (mon, ga, orch):
-        assert await assert_valid_chain(orch) == ["disk0", *[n.node_name for n in (await orch.chain("disk0"))[1:]]]
+        below = [n.node_name for n in (await orch.chain("disk0"))[1:]]
+        assert await assert_valid_chain(orch) == ["disk0", *below]
         before_nodes = await node_names(mon)
         files = await snapshot_n(orch, guest, 3, "three")
         last_snapshot = await guest.uptime()
