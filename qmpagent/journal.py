@@ -272,6 +272,10 @@ class Entry:
         overlays: the overlays it creates.
         freeze: the freeze state when the entry was written (a ``FreezeState`` value).
         transaction: the transaction state when the entry was written.
+        kind: ``"snapshot"``, or ``"commit"`` (then ``overlays`` are the nodes the commit
+            merges, top first, removed once it pivoted, and ``commit`` says the rest).
+        commit: a commit's job id, device, base node and whether the merged files are deleted
+            (``{"job": ..., "device": ..., "base": ..., "delete_files": ...}``), else None.
         created, updated: wall-clock times (seconds since the epoch).
         path: the file it was read from (None before it was written).
     """
@@ -285,6 +289,7 @@ class Entry:
     freeze: str = "not-tried"
     transaction: str = "not-sent"
     kind: str = "snapshot"
+    commit: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     path: Path | None = None
@@ -309,6 +314,7 @@ class Entry:
                 {"disk": o.disk, "node": o.node, "file_node": o.file_node, "path": o.path}
                 for o in self.overlays
             ],
+            **({"commit": dict(self.commit)} if self.commit is not None else {}),
             "created": self.created,
             "updated": self.updated,
         }
@@ -337,6 +343,13 @@ class Entry:
         step = _req(raw, "step", str)
         if step not in STEPS:
             raise ValueError(f"unknown step {step!r}")
+        commit = raw.get("commit")
+        if commit is not None:
+            if not isinstance(commit, dict):
+                raise ValueError("commit is not an object")
+            for key, kinds in (("job", str), ("device", str), ("base", str), ("delete_files", bool)):
+                if not isinstance(commit.get(key), kinds):
+                    raise ValueError(f"commit.{key} is missing or of the wrong type")
         op = _req(raw, "op", str)
         if not re.fullmatch(r"[0-9a-f]{16}", op) or path.name != f"op-{op}.json":
             raise ValueError("the op id does not match the file name")
@@ -350,6 +363,7 @@ class Entry:
             freeze=_req(raw, "freeze", str),
             transaction=_req(raw, "transaction", str),
             kind=_req(raw, "kind", str),
+            commit=commit,
             created=float(_req(raw, "created", (int, float))),
             updated=float(_req(raw, "updated", (int, float))),
             path=path,

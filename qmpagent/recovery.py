@@ -277,11 +277,21 @@ async def _settle_entry(mon: Monitor, handle: _AgentHandle, journal: Journal, en
     before = len(report.unresolved)
     op = entry.op
     try:
-        await _settle_freeze(handle, journal, entry, report, timeout, may_thaw)
-        if len(report.unresolved) > before:
-            return  # the freeze first: nothing else of this entry is touched meanwhile
-        await _settle_jobs(mon, entry, report, timeout)
-        await _settle_nodes(mon, entry, report, timeout)
+        if entry.kind == "commit":
+            # A commit froze nothing: its job and its merged nodes (qmpagent.commit).
+            from .commit import settle_commit_entry
+
+            nodes, files, unresolved = await settle_commit_entry(
+                mon, entry, timeout=timeout, may_finish=may_thaw)
+            report.removed_nodes.extend(nodes)
+            report.removed_files.extend(files)
+            report.unresolved.extend(unresolved)
+        else:
+            await _settle_freeze(handle, journal, entry, report, timeout, may_thaw)
+            if len(report.unresolved) > before:
+                return  # the freeze first: nothing else of this entry is touched meanwhile
+            await _settle_jobs(mon, entry, report, timeout)
+            await _settle_nodes(mon, entry, report, timeout)
     except MonitorError as exc:
         from .errors import MonitorUnavailable
 

@@ -505,6 +505,7 @@ class SnapshotOrchestrator:
                 self.monitor, disk, base=base, delete_files=delete_files, timeout=ready,
                 command_timeout=t.command, job_timeout=t.job, speed=speed,
                 on_progress=on_progress, progress_interval=progress_interval,
+                journal=self.journal,
             )
 
 

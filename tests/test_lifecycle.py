@@ -387,3 +387,68 @@ async def test_freeze_list_that_froze_nothing_is_not_ours(fake_vm_factory: Any) 
             await orch.snapshot({"vblk0": str(vm.workdir / "s.qcow2")}, mountpoints=["/mnt/data"])
         assert err.value.record.thawed == 0 and not vm.agent.calls("guest-fsfreeze-thaw")
         assert "/mnt/data" in vm.agent.foreign_frozen
+
+
+# --- the journal: a commit whose process died is settled by recover --------------------------
+
+
+async def test_a_commit_is_journalled_while_it_runs(fake_vm: FakeVM, tmp_path: Path) -> None:
+    async with connected(fake_vm) as (mon, ga, _orch):
+        orch = SnapshotOrchestrator(mon, agent=ga, journal_dir=tmp_path)
+        await snapshots(orch, fake_vm.workdir, 1)
+        seen: list[list[str]] = []
+        await orch.commit("vblk0", on_progress=lambda p: seen.append(
+            [f.name for f in tmp_path.glob("op-*.json")]), progress_interval=0.01)
+        assert seen and all(len(names) == 1 for names in seen)
+        assert not list(tmp_path.glob("op-*.json"))  # finished: nothing left
+        # a commit that timed out left nothing to settle either
+        await orch.snapshot({"vblk0": str(fake_vm.workdir / "t.qcow2")})
+        fake_vm.qmp.commit_rate, fake_vm.qmp.guest_write_rate = 1, 2
+        with pytest.raises(CommitTimeout):
+            await orch.commit("vblk0", timeout=0.1)
+        assert not list(tmp_path.glob("op-*.json"))
+
+
+async def _dead_pid() -> int:
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("pivoted", [False, True])
+async def test_recover_settles_a_commit_whose_process_died(fake_vm: FakeVM, tmp_path: Path,
+                                                           pivoted: bool) -> None:
+    from qmpagent.journal import Entry, Journal, OverlayRecord, identify_vm
+
+    async with connected(fake_vm) as (mon, ga, _orch):
+        orch = SnapshotOrchestrator(mon, agent=ga, journal_dir=tmp_path)
+        files = await snapshots(orch, fake_vm.workdir, 1)
+        chain = await orch.chain("vblk0")
+        top = chain[0]
+        job_id = "qmpagent-commit-0badf00d-vblk0"
+        # What a commit killed after its journal entry and its job left: a ready job (or,
+        # killed after the pivot, a concluded one), the merged nodes attached.
+        Journal(tmp_path).write(Entry(
+            op="0123456789abcdef", vm=await identify_vm(mon), owner_pid=await _dead_pid(),
+            owner_start=None, kind="commit",
+            overlays=[OverlayRecord("vblk0", top.node_name, top.file_node_name or "", top.filename)],
+            commit={"job": job_id, "device": "vblk0", "base": "disk0", "delete_files": True},
+        ))
+        async with mon.block_job("block-commit", {"job-id": job_id, "device": top.node_name,
+                                                  "base-node": "disk0", "auto-dismiss": False}) as job:
+            await job.wait_ready(timeout=5)
+            if pivoted:
+                await mon.execute("block-job-complete", {"device": job_id})
+                await mon.wait_event("BLOCK_JOB_COMPLETED", timeout=5)
+            job.dismissed = True  # the process "dies": the job stays in QEMU
+        # a snapshot meanwhile is refused: a commit of a dead process is unsettled
+        with pytest.raises(qmpagent.UnsettledOperationError, match="still in QEMU"):
+            await orch.snapshot({"vblk0": str(fake_vm.workdir / "no.qcow2")})
+        report = await qmpagent.recover(mon, agent=ga, journal_dir=tmp_path)
+        assert report.clean, report.unresolved
+        assert report.settled == ["0123456789abcdef"]
+        assert fake_vm.active_node("vblk0") == "disk0" and not fake_vm.qmp.jobs
+        assert top.node_name in report.removed_nodes and report.removed_files == files
+        assert not list(tmp_path.glob("op-*.json"))
+        again = await qmpagent.recover(mon, agent=ga, journal_dir=tmp_path)
+        assert again.clean and not again.changed

@@ -32,6 +32,7 @@ from qmpagent import (
     Monitor,
     SnapshotOrchestrator,
     UnknownMountpointError,
+    recover,
 )
 from qmpagent.testing import Guest, WriterLog, boot_guest
 from qmpagent.testing.demo import check_image_fsck
@@ -240,6 +241,40 @@ async def test_commit_process_killed_then_a_later_commit_finishes(guest: Guest) 
         assert res.resumed and res.active_node == "disk0"
         assert res.removed_files == [str(files[0])] and not files[0].exists()
         assert not await mon.execute("query-jobs")
+
+
+async def test_commit_process_killed_then_recover_settles_it(guest: Guest) -> None:
+    state = guest.workdir / "state-recover"
+    async with connected(guest) as (mon, _ga, orch):
+        files = await snapshot_n(orch, guest, 1, "recover")
+        top = (await orch.chain("vblk0"))[0].node_name
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmpagent", "commit", "--qmp", str(guest.qmp_path),
+        "--disk", "vblk0", "--delete-files", "--speed", "4K", "--timeout", "600",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "XDG_STATE_HOME": str(state)},
+    )
+    try:
+        async with await Monitor.connect(rig_qmp(guest), command_timeout=TIMEOUT) as watch:
+            await _wait_for_job(watch)
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    journal = state / "qmpagent"
+    assert len(list(journal.glob("op-*.json"))) == 1  # written before block-commit
+    async with connected(guest) as (mon, ga, orch):
+        assert (await orch.chain("vblk0"))[0].node_name == top
+        # the dead run's speed stays on its job: lift it, as an operator would, then recover
+        job = (await mon.execute("query-jobs"))[0]["id"]
+        await mon.execute("block-job-set-speed", {"device": job, "speed": 0})
+        report = await recover(mon, agent=ga, journal_dir=journal)
+        assert report.clean, report.unresolved
+        assert await mon.device_node_name("vblk0") == "disk0"
+        assert top in report.removed_nodes and report.removed_files == [str(files[0])]
+        assert not await mon.execute("query-jobs") and not list(journal.glob("op-*.json"))
 
 
 async def _wait_for_job(mon: Monitor) -> str:
