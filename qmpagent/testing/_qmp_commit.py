@@ -100,7 +100,7 @@ def _find(server: FakeQMPServer, call: FakeCall, key: str = "device") -> FakeCom
     job_id = call.arg(key, str)
     job = server.jobs.get(job_id)
     if not isinstance(job, FakeCommitJob):
-        raise FakeQMPError("DeviceNotFound", f"Block job '{job_id}' not found")
+        raise FakeQMPError("DeviceNotActive", f"Block job '{job_id}' not found")
     return job
 
 
@@ -131,14 +131,16 @@ def commit_handlers(server: FakeQMPServer, on_pivot: Callable[[FakeCommitJob], N
         below = _chain_below(g, top)
         base = call.arg("base-node", str, below[-1] if below else None)
         if base is None or base not in g.nodes:
-            raise generic_error(f"Cannot find device='{base}' nor node-name='{base}'")
+            raise generic_error(f"Cannot find device='' nor node-name='{base}'")
         if base not in below:
-            raise generic_error(f"Node '{base}' is not a backing image of '{top}'")
+            raise generic_error(f"'{base}' is not in this backing file chain")
         if call.arguments.get("auto-dismiss", True) is not False:
             raise generic_error("fake QMP: only auto-dismiss: false is modelled for block-commit")
-        for node in [top, *below[:below.index(base) + 1]]:
-            other = _busy(server, node)
-            if other is not None:
+        if _busy(server, top) is not None:
+            # QEMU: the running job's filter node sits above the top now
+            raise generic_error("Need a root block node")
+        for node in below[:below.index(base) + 1]:
+            if _busy(server, node) is not None:
                 raise generic_error(f"Node '{node}' is busy: block device is in use by block job: commit")
         speed = call.arg("speed", int, 0)
         if speed < 0:
@@ -212,14 +214,15 @@ async def _run(server: FakeQMPServer, job: FakeCommitJob, on_pivot: Callable[[Fa
             await server.emit("BLOCK_JOB_READY", job.block_info())
     cancelled = job._cancelled.is_set()
     if job.error is not None or (cancelled and job._force):
-        job.error = job.error or "Operation cancelled"
+        # QEMU's order: aborting, the block job's event, concluded.
+        job.error = job.error or "Operation canceled"
         await _set(server, job, "aborting")
-        await _set(server, job, "concluded")
         event = "BLOCK_JOB_CANCELLED" if cancelled else "BLOCK_JOB_COMPLETED"
         data = job.block_info()
         if not cancelled:
             data["error"] = job.error
         await server.emit(event, data)
+        await _set(server, job, "concluded")
         return
     await _set(server, job, "waiting")
     await _set(server, job, "pending")
@@ -228,8 +231,8 @@ async def _run(server: FakeQMPServer, job: FakeCommitJob, on_pivot: Callable[[Fa
         g.devices[job.device].root = job.base
         g.nodes[job.base].read_only = False
         on_pivot(job)
-    await _set(server, job, "concluded")
     await server.emit("BLOCK_JOB_COMPLETED", job.block_info())
+    await _set(server, job, "concluded")
 
 
 def block_graph(server: FakeQMPServer) -> dict[str, Any]:
@@ -261,7 +264,9 @@ def block_graph(server: FakeQMPServer) -> dict[str, Any]:
     for job in server.jobs.values():
         if isinstance(job, FakeCommitJob) and job.status not in ("concluded", "null"):
             jid = add("block-job", job.id)
+            # QEMU's main node is the job's filter above the top (not modelled): the top itself
             edge(jid, job.top, "main node")
+            edge(jid, job.top, "source")
             edge(jid, job.base, "target")
             for name in job.intermediates:
                 edge(jid, name, "intermediate node")
