@@ -452,3 +452,17 @@ async def test_recover_settles_a_commit_whose_process_died(fake_vm: FakeVM, tmp_
         assert not list(tmp_path.glob("op-*.json"))
         again = await qmpagent.recover(mon, agent=ga, journal_dir=tmp_path)
         assert again.clean and not again.changed
+
+
+async def test_a_failed_pivot_leaves_the_vm_on_its_active_layer(fake_vm: FakeVM) -> None:
+    async with connected(fake_vm) as (_mon, _ga, orch):
+        await snapshots(orch, fake_vm.workdir, 1)
+        top = fake_vm.active_node("vblk0")
+        fake_vm.qmp.fail("block-job-complete", "injected pivot failure", "GenericError")
+        with pytest.raises(CommitError, match="the pivot failed") as err:
+            await orch.commit("vblk0")
+        rec = err.value.record
+        assert rec.stage == "pivot" and rec.pivoted is False and rec.active_node == top
+        assert "still runs on" in str(err.value)
+        assert fake_vm.active_node("vblk0") == top and not fake_vm.qmp.jobs  # cancelled, dismissed
+        assert (await orch.commit("vblk0")).active_node == "disk0"
