@@ -47,6 +47,7 @@ class SnapshotOptions(CommonOptions):
     job_timeout: float
     connect_timeout: float
     agent_chardev: str | None
+    journal: str | None
 
     def usage_problem(self) -> str | None:
         """``--qmp`` is required; no disk may be named twice."""
@@ -74,6 +75,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
     p.add_argument("--agent-chardev", metavar="ID",
                    help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
+    p.add_argument("--journal", metavar="DIR",
+                   help="the crash-safety journal's directory (default $XDG_STATE_HOME/qmpagent); "
+                   f"`{PROG} recover` reads it")
 
 
 def _summary(result: SnapshotResult) -> str:
@@ -127,6 +131,7 @@ async def _run(opts: SnapshotOptions) -> int:
             command_timeout=opts.command_timeout,
             job_timeout=opts.job_timeout,
             agent_chardev=opts.agent_chardev,
+            journal_dir=opts.journal,
         )
         result = await orch.snapshot(
             disks,

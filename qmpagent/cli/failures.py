@@ -17,12 +17,14 @@ from ..errors import (
     AgentCommandError,
     AgentTimeout,
     AgentUnavailable,
+    JournalError,
     MonitorCommandError,
     MonitorTimeout,
     MonitorUnavailable,
     QMPAgentError,
     SnapshotError,
     ThawError,
+    UnsettledOperationError,
     UsageError,
 )
 from .argtypes import address_text
@@ -88,6 +90,19 @@ def _snapshot_detail(exc: SnapshotError, agent: object) -> str:
     return f"{rec.phase}: {exc} ({what})"
 
 
+def _unsettled_detail(exc: UnsettledOperationError, agent: object) -> str:
+    how = f" --agent {address_text(agent)}" if agent is not None else ""
+    return f"{_snapshot_detail(exc, agent)}; settle it with `{PROG} recover --qmp ...{how}`"
+
+
+def _unsettled(exc: UnsettledOperationError) -> dict[str, Any]:
+    return {**_record(exc), "unresolved": list(exc.unresolved)}
+
+
+def _journal(exc: JournalError) -> dict[str, Any]:
+    return {"path": exc.path}
+
+
 def _internal_detail(exc: BaseException, agent: object) -> str:
     return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
 
@@ -108,6 +123,9 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
                         _thaw_detail, _record, label=""),
     SnapshotError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot failed in ", _snapshot_detail,
                             _record, label=""),
+    UnsettledOperationError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot refused in ",
+                                      _unsettled_detail, _unsettled, label=""),
+    JournalError: ErrorRow(ExitCode.ERROR, "journal: ", fields=_journal),
     UsageError: ErrorRow(ExitCode.USAGE),
     AgentUnavailable: ErrorRow(ExitCode.AGENT_UNAVAILABLE, "guest agent unavailable: "),
     MonitorUnavailable: ErrorRow(ExitCode.QMP_UNAVAILABLE, "QMP unavailable: "),

@@ -19,6 +19,7 @@ from .. import __version__
 from .cmd_agent import AGENT
 from .cmd_guest import BUILD_GUEST, DEMO
 from .cmd_qmp import QMP
+from .cmd_recover import RECOVER
 from .cmd_snapshot import SNAPSHOT
 from .command import ADDRESS_HELP, Command, CommonOptions, Formatter, Group, add_common_options
 from .exit_codes import ExitCode, exit_code_help
@@ -28,7 +29,7 @@ from .output import PROG, err
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommands, in the order ``qmpagent --help`` lists them. A new command is one more entry.
-COMMANDS: Final[tuple[Command[Any] | Group, ...]] = (AGENT, QMP, SNAPSHOT, DEMO, BUILD_GUEST)
+COMMANDS: Final[tuple[Command[Any] | Group, ...]] = (AGENT, QMP, SNAPSHOT, RECOVER, DEMO, BUILD_GUEST)
 
 
 def build_parser() -> argparse.ArgumentParser:
