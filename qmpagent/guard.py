@@ -98,7 +98,7 @@ class FreezeGuard:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def start(self, agent_fd: int, op: str, journal_dir: Path, thaw_timeout: float) -> None:
+    def start(self, agent_fd: int, op: str, journal_dir: Path, *, thaw_timeout: float) -> None:
         """Start the guard process (fork + exec of ``sys.executable -m qmpagent._guard_main``).
 
         Raises:
@@ -149,7 +149,7 @@ class FreezeGuard:
         """Whether the guard is up and can act for us."""
         return self.ready and self.lost is None and self.alive
 
-    async def wait_ready(self, timeout: float) -> bool:
+    async def wait_ready(self, *, timeout: float) -> bool:
         """Wait until the guard says it is ready (it imported, opened its lock). False (and
         :attr:`lost` says why) if it did not in time or died."""
         assert self.sock is not None
@@ -262,7 +262,7 @@ class FreezeGuard:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    async def wait_result(self, timeout: float) -> GuardResult | None:
+    async def wait_result(self, *, timeout: float) -> GuardResult | None:
         """After the guard took over: its result, or None if none came within ``timeout``
         (or it died without one)."""
         loop = asyncio.get_running_loop()
