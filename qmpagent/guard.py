@@ -53,6 +53,7 @@ from typing import Final
 import anyio
 
 from ._guard_wire import BOOT, GRACE
+from ._shield import run_to_completion
 
 __all__ = ["GRACE", "FreezeGuard", "GuardResult"]
 
@@ -297,15 +298,19 @@ class FreezeGuard:
         proc = self.proc
         if proc is None:
             return
-        with anyio.CancelScope(shield=True):
-            deadline = time.monotonic() + 2.0
-            pause = 0.001
-            while proc.poll() is None and time.monotonic() < deadline:
-                await anyio.sleep(pause)
-                pause = min(pause * 2, 0.05)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
+        await run_to_completion(_reap(proc))
+
+
+async def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the guard to exit (2 s, polling), then SIGKILL it and wait for that."""
+    deadline = time.monotonic() + 2.0
+    pause = 0.001
+    while proc.poll() is None and time.monotonic() < deadline:
+        await anyio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
