@@ -20,6 +20,7 @@ from ..errors import (
     CommitError,
     CommitTimeout,
     JobReadyTimeout,
+    JournalError,
     MonitorCommandError,
     MonitorTimeout,
     MonitorUnavailable,
@@ -27,6 +28,7 @@ from ..errors import (
     SnapshotError,
     ThawError,
     UnknownMountpointError,
+    UnsettledOperationError,
     UsageError,
 )
 from .argtypes import address_text
@@ -92,6 +94,19 @@ def _snapshot_detail(exc: SnapshotError, agent: object) -> str:
     return f"{rec.phase}: {exc} ({what})"
 
 
+def _unsettled_detail(exc: UnsettledOperationError, agent: object) -> str:
+    how = f" --agent {address_text(agent)}" if agent is not None else ""
+    return f"{_snapshot_detail(exc, agent)}; settle it with `{PROG} recover --qmp ...{how}`"
+
+
+def _unsettled(exc: UnsettledOperationError) -> dict[str, Any]:
+    return {**_record(exc), "unresolved": list(exc.unresolved)}
+
+
+def _journal(exc: JournalError) -> dict[str, Any]:
+    return {"path": exc.path}
+
+
 def _commit_fields(exc: CommitError) -> dict[str, Any]:
     return {"record": dataclasses.asdict(exc.record)}
 
@@ -127,6 +142,11 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
                         _thaw_detail, _record, label=""),
     SnapshotError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot failed in ", _snapshot_detail,
                             _record, label=""),
+    UnsettledOperationError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot refused in ",
+                                      _unsettled_detail, _unsettled, label=""),
+    JournalError: ErrorRow(ExitCode.ERROR, "journal: ", fields=_journal),
+
+
     # Listed before UsageError's row, and CommitTimeout before TimeoutError: the MRO decides.
     CommitTimeout: ErrorRow(ExitCode.TIMEOUT, "timeout: ", fields=_commit_fields),
     CommitError: ErrorRow(ExitCode.COMMIT_FAILED, fields=_commit_fields, label=""),
