@@ -47,8 +47,9 @@ def die(point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def guard_pids() -> list[int]:
-    me = str(os.getpid())
+def guard_pids(parent: int | None = None) -> list[int]:
+    """The guard processes of ``parent`` (default: this process), from /proc."""
+    me = str(os.getpid() if parent is None else parent)
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 import pytest_asyncio
+from crash_driver import guard_pids
 
 from qmpagent import FreezeStatus, GuestAgent, Monitor, recover
 from qmpagent.journal import Journal
@@ -51,22 +51,6 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     async with boot_guest() as guest:
         r = Rig(guest, tmp_path_factory.mktemp("journal"), active_file=str(guest.disk.overlay))
         yield r
-
-
-def guard_pids(parent: int) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if (any(b"qmpagent._guard_main" in a for a in argv) and b"--parent" in argv
-                and argv[argv.index(b"--parent") + 1] == str(parent).encode()):
-            found.append(int(pid))
-    return found
 
 
 @dataclass
