@@ -6,12 +6,14 @@
 * :class:`SnapshotOrchestrator`: atomic, application-consistent external snapshots that freeze
   briefly and never thaw a freeze they did not make; and their lifecycle: the backing chain
   (:meth:`SnapshotOrchestrator.chain`) and merging overlays back (:meth:`SnapshotOrchestrator.commit`,
-  on the two-phase jobs of :meth:`Monitor.block_job`).
+  on the two-phase jobs of :meth:`Monitor.block_job`); and backups whose freeze holds only the
+  transaction that starts them (:meth:`SnapshotOrchestrator.backup`: full and incremental).
 
 All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for the tree.
 """
 
 from .agent import AgentInfo, CommandInfo, ExecResult, FreezeStatus, GuestAgent
+from .backup import BackupProgressCallback, BackupResult
 from .chain import ChainNode
 from .commit import CommitResult
 from .errors import (
@@ -20,6 +22,8 @@ from .errors import (
     AgentProtocolError,
     AgentTimeout,
     AgentUnavailable,
+    BackupChainError,
+    BackupError,
     CommitError,
     CommitRecord,
     CommitTimeout,
@@ -74,6 +78,10 @@ __all__ = [
     "AgentProtocolError",
     "AgentTimeout",
     "AgentUnavailable",
+    "BackupChainError",
+    "BackupError",
+    "BackupProgressCallback",
+    "BackupResult",
     "BlockDevice",
     "BlockJob",
     "BlockNode",

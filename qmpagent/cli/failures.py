@@ -17,6 +17,8 @@ from ..errors import (
     AgentCommandError,
     AgentTimeout,
     AgentUnavailable,
+    BackupChainError,
+    BackupError,
     CommitError,
     CommitTimeout,
     JobReadyTimeout,
@@ -92,6 +94,21 @@ def _snapshot_detail(exc: SnapshotError, agent: object) -> str:
     return f"{rec.phase}: {exc} ({what})"
 
 
+def _backup_detail(exc: BackupError, agent: object) -> str:
+    rec = exc.record
+    left = [f for f in rec.files_created if f not in rec.files_removed]
+    what = f"files left behind: {', '.join(left)}" if left else "its files were removed"
+    return f"{rec.phase}: {exc} ({what}; no tracked change was lost)"
+
+
+def _backup_fields(exc: BackupError) -> dict[str, Any]:
+    return {"stage": exc.stage, "record": dataclasses.asdict(exc.record)}
+
+
+def _chain_fields(exc: BackupChainError) -> dict[str, Any]:
+    return {"disk": exc.disk, "since": exc.since, "why": exc.why}
+
+
 def _commit_fields(exc: CommitError) -> dict[str, Any]:
     return {"record": dataclasses.asdict(exc.record)}
 
@@ -125,12 +142,16 @@ _TIMEOUT: Final = ErrorRow(ExitCode.TIMEOUT, "timeout: ")
 ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
     ThawError: ErrorRow(ExitCode.THAW_FAILED, "THAW FAILED - THE GUEST MAY STILL BE FROZEN ",
                         _thaw_detail, _record, label=""),
+    # Before SnapshotError's row (its base): a backup's failure says what a backup left.
+    BackupError: ErrorRow(ExitCode.BACKUP_FAILED, "backup failed in ", _backup_detail,
+                          _backup_fields, label=""),
     SnapshotError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot failed in ", _snapshot_detail,
                             _record, label=""),
     # Listed before UsageError's row, and CommitTimeout before TimeoutError: the MRO decides.
     CommitTimeout: ErrorRow(ExitCode.TIMEOUT, "timeout: ", fields=_commit_fields),
     CommitError: ErrorRow(ExitCode.COMMIT_FAILED, fields=_commit_fields, label=""),
     UnknownMountpointError: ErrorRow(ExitCode.USAGE, fields=_mountpoint_fields),
+    BackupChainError: ErrorRow(ExitCode.USAGE, fields=_chain_fields),
     UsageError: ErrorRow(ExitCode.USAGE),
     AgentUnavailable: ErrorRow(ExitCode.AGENT_UNAVAILABLE, "guest agent unavailable: "),
     MonitorUnavailable: ErrorRow(ExitCode.QMP_UNAVAILABLE, "QMP unavailable: "),
