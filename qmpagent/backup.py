@@ -149,8 +149,10 @@ class BackupOperation(_Operation):
         on_progress: BackupProgressCallback | None,
         progress_interval: float,
         copy_timeout: float | None,
+        speed: int | None = None,
     ) -> None:
         super().__init__(orch, mode, freeze_timeout, on_phase, timeouts)
+        self.speed = speed
         self.since = since
         self.bitmap = bitmap
         self.state_dir = state_dir
@@ -226,6 +228,8 @@ class BackupOperation(_Operation):
             data: dict[str, Any] = {"job-id": t.job_id, "device": t.node, "target": t.node_name,
                                     "sync": "incremental" if t.since is not None else "full",
                                     "auto-dismiss": False}
+            if self.speed is not None:
+                data["speed"] = self.speed
             if t.use_bitmap:
                 # on-success: a failed or cancelled job merges the writes it saw back into
                 # the bitmap; a completed one leaves only the writes since its start.
@@ -424,6 +428,7 @@ def backup_operation(
     timeout: float | None,
     state_dir: str | os.PathLike[str] | None,
     timeouts: _Timeouts,
+    speed: int | None = None,
 ) -> tuple[BackupOperation, dict[str, str]]:
     """Check the arguments of :meth:`SnapshotOrchestrator.backup` (before anything is sent)
     and make its operation; returns it and the targets' paths.
@@ -436,6 +441,8 @@ def backup_operation(
     interval = _seconds("progress_interval", progress_interval)
     copy_timeout = None if timeout is None else _seconds("timeout", timeout)
     name = check_bitmap_name(bitmap)
+    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int) or speed <= 0):
+        raise UsageError(f"speed must be a positive number of bytes per second or None, not {speed!r}")
     if on_progress is not None and not callable(on_progress):
         raise UsageError("on_progress must be callable or None")
     if not isinstance(targets, Mapping) or not targets:
@@ -471,5 +478,6 @@ def backup_operation(
     op = BackupOperation(
         orch, mode, window, on_phase, timeouts, since=chosen, bitmap=name, state_dir=directory,
         on_progress=on_progress, progress_interval=interval, copy_timeout=copy_timeout,
+        speed=speed,
     )
     return op, paths

@@ -502,6 +502,7 @@ class SnapshotOrchestrator:
         progress_interval: float = 1.0,
         timeout: float | None = None,
         state_dir: str | os.PathLike[str] | None = None,
+        speed: int | None = None,
     ) -> BackupResult:
         """Back up ``targets``: a point-in-time copy of each disk, application-consistent (the
         guest frozen only while one ``transaction`` starts the copy jobs), returned when the
@@ -530,6 +531,8 @@ class SnapshotOrchestrator:
                 progress for ``job_timeout`` seconds fails).
             state_dir: where the record of each disk's last backup is kept (default
                 ``$XDG_STATE_HOME/qmpagent``); an incremental is allowed only since that one.
+            speed: limit each copy job to this many bytes per second (``blockdev-backup``
+                ``speed``), e.g. to spare the guest's I/O; None: no limit.
 
         Returns:
             A :class:`~qmpagent.BackupResult` (``targets``, ``bytes_copied``, ``quiesced``,
@@ -550,7 +553,7 @@ class SnapshotOrchestrator:
             self, targets, since=since, quiesce=quiesce, freeze_timeout=freeze_timeout,
             bitmap=bitmap, on_phase=on_phase, on_progress=on_progress,
             progress_interval=progress_interval, timeout=timeout, state_dir=state_dir,
-            timeouts=self._timeouts(),
+            timeouts=self._timeouts(), speed=speed,
         )
         async with self._busy:
             return await op.run_backup(paths)

@@ -344,3 +344,13 @@ async def test_the_chain_check_on_the_fakes_images(state: Path) -> None:
         Path(full.targets["vblk0"]).unlink()  # a broken chain
         broken = await check_backup_chain(inc.targets["vblk0"])
         assert not broken.ok and "qemu-img info failed" in broken.problems[0]
+
+
+async def test_speed_limits_the_copy(state: Path) -> None:
+    async with FakeVM() as vm, await Monitor.connect(vm.qmp_address) as mon:
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        res = await orch.backup(targets(vm, "b"), state_dir=state, speed=256 * MIB)
+        assert 0.2 <= res.timings.copy < 5  # 64 MiB at 256 MiB/s
+        assert backup_transaction(vm)[1]["data"]["speed"] == 256 * MIB  # type: ignore[index]
+        with pytest.raises(UsageError, match="speed"):
+            await orch.backup(targets(vm, "c"), state_dir=state, speed=0)
