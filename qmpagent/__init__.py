@@ -4,10 +4,14 @@
   streams, job helpers and agent-port state.
 * :class:`GuestAgent`: native guest-agent client that stays in sync and survives a hostile guest.
 * :class:`SnapshotOrchestrator`: atomic, application-consistent external snapshots that freeze
-  briefly and never thaw a freeze they did not make; and their lifecycle: the backing chain
-  (:meth:`SnapshotOrchestrator.chain`) and merging overlays back (:meth:`SnapshotOrchestrator.commit`,
-  on the two-phase jobs of :meth:`Monitor.block_job`); and backups whose freeze holds only the
-  transaction that starts them (:meth:`SnapshotOrchestrator.backup`: full and incremental).
+  briefly and never thaw a freeze they did not make; a freeze guard process thaws the guest
+  if the orchestrator dies or gets stuck inside the window; and their lifecycle: the
+  backing chain (:meth:`SnapshotOrchestrator.chain`) and merging overlays back
+  (:meth:`SnapshotOrchestrator.commit`, on the two-phase jobs of :meth:`Monitor.block_job`);
+  and backups whose freeze holds only the transaction that starts them
+  (:meth:`SnapshotOrchestrator.backup`: full and incremental).
+* :func:`recover` -> :class:`RecoveryReport`: settle what a dead operation left (journal in
+  ``$XDG_STATE_HOME/qmpagent``).
 
 All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for the tree.
 """
@@ -30,6 +34,7 @@ from .errors import (
     EventOverflow,
     JobError,
     JobReadyTimeout,
+    JournalError,
     MonitorCommandError,
     MonitorError,
     MonitorProtocolError,
@@ -40,6 +45,7 @@ from .errors import (
     SnapshotRecord,
     ThawError,
     UnknownMountpointError,
+    UnsettledOperationError,
     UsageError,
 )
 from .monitor import (
@@ -55,6 +61,7 @@ from .monitor import (
     QMPEvent,
     VirtioSerialPort,
 )
+from .recovery import RecoveryReport, recover
 from .snapshot import (
     FreezeOwner,
     FreezeState,
@@ -102,6 +109,7 @@ __all__ = [
     "JobProgress",
     "JobReadyTimeout",
     "JobResult",
+    "JournalError",
     "Monitor",
     "MonitorCommandError",
     "MonitorError",
@@ -114,6 +122,7 @@ __all__ = [
     "QMPAgentError",
     "QMPEvent",
     "Quiesce",
+    "RecoveryReport",
     "SnapshotError",
     "SnapshotOrchestrator",
     "SnapshotRecord",
@@ -122,7 +131,9 @@ __all__ = [
     "Timeout",
     "TransactionState",
     "UnknownMountpointError",
+    "UnsettledOperationError",
     "UsageError",
     "UseClientDefault",
     "VirtioSerialPort",
+    "recover",
 ]

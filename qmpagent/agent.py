@@ -285,6 +285,7 @@ class GuestAgent(AsyncClosing):
         self.name = name
         self._log = log.getChild(name)
         self._closed = False
+        self._hold = False  # see hold_reading
         #: Syncs performed on this connection (the first one on connect included).
         self.syncs = 0
         #: Commands handed to the transport so far (syncs not counted), and the last one. A
@@ -369,6 +370,35 @@ class GuestAgent(AsyncClosing):
         """Whether the connection is open (it may still be out of sync)."""
         return not self._closed and self._conn.state is not State.CLOSED
 
+    def socket_fileno(self) -> int | None:
+        """The connected socket's file descriptor, or None (closed, or not a socket): what the
+        freeze guard (:mod:`qmpagent.guard`) is handed a duplicate of. Do not read from it or
+        change its flags while this client is in use."""
+        if not self.is_connected:
+            return None
+        sock = self._writer.get_extra_info("socket")
+        try:
+            fd = sock.fileno() if sock is not None else -1
+        except (OSError, ValueError):
+            return None
+        return fd if isinstance(fd, int) and fd >= 0 else None
+
+    def hold_reading(self, hold: bool) -> None:
+        """Stop (``True``) or resume (``False``) reading from the socket while no command of
+        this client is in flight (a command reads while it waits for its reply, then stops
+        again): while the freeze guard may speak on a duplicate of the socket
+        (:mod:`qmpagent.guard`), only one process may read it. Raises nothing."""
+        self._hold = hold
+        self._set_reading(not hold)
+
+    def _set_reading(self, reading: bool) -> None:
+        transport = self._writer.transport
+        with contextlib.suppress(AttributeError, RuntimeError, OSError):
+            if reading:
+                transport.resume_reading()  # type: ignore[attr-defined]
+            else:
+                transport.pause_reading()  # type: ignore[attr-defined]
+
     @property
     def in_sync(self) -> bool:
         """Whether the next command can be sent without a resync first."""
@@ -394,6 +424,9 @@ class GuestAgent(AsyncClosing):
             except BaseException:
                 self._conn.abandon()
                 raise
+            finally:
+                if self._hold:
+                    self._set_reading(False)  # held between commands: see hold_reading
 
     async def _send(
         self, data: bytes, command: str | None = None, on_sent: Callable[[], None] | None = None
@@ -421,6 +454,8 @@ class GuestAgent(AsyncClosing):
                 continue
             if not isinstance(event, NeedData):
                 return event
+            if self._hold:
+                self._set_reading(True)  # held between commands only: this one reads
             try:
                 data = await self._reader.read(_READ_CHUNK)
             except OSError as exc:

@@ -20,6 +20,13 @@ Our jobs are named ``qmpagent-commit-<token>-<device>``. A later commit of the s
 finishes what an interrupted one left: a job of ours still running or ready is completed, a
 concluded one dismissed, and merged nodes of ours left attached after a pivot are removed
 (then nothing more is merged: that commit is finished, not repeated one layer deeper).
+
+Each commit is journalled like a snapshot (:mod:`qmpagent.journal`, ``kind: "commit"``): before
+``block-commit`` is sent, the entry names the job, the device, the base and the nodes and files
+to be removed; it is removed when the commit finished or left nothing to settle. Whatever a
+process that died mid-commit left, :func:`qmpagent.recover` settles it with
+:func:`settle_commit_entry`: a job of ours still in QEMU is completed (or, not ready within the
+timeout, cancelled), and once the device runs on the base the merged nodes are removed.
 """
 
 from __future__ import annotations
@@ -43,16 +50,18 @@ from .errors import (
     CommitTimeout,
     JobError,
     JobReadyTimeout,
+    JournalError,
     MonitorError,
     MonitorProtocolError,
     UsageError,
 )
+from .journal import Entry, Journal, OverlayRecord, identify_vm, new_op_id, process_start_time
 
 if TYPE_CHECKING:
     from .block_jobs import BlockJob
     from .monitor import Monitor
 
-__all__ = ["JOB_PREFIX", "CommitResult", "commit_disk"]
+__all__ = ["JOB_PREFIX", "CommitResult", "commit_disk", "remove_merged", "settle_commit_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,53 @@ class CommitResult:
     duration: float = 0.0
 
 
+async def remove_merged(
+    mon: Monitor, layers: list[tuple[str, str | None, str]], *, delete_files: bool, timeout: float,
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """blockdev-del each merged layer's node, then its file node, top first (a node of QEMU's
+    own naming goes with its parent); then, if asked, their files, once no node has them open.
+
+    Args:
+        layers: ``(node, file node, file)`` of each merged image, top first.
+
+    Returns:
+        The nodes removed, the files removed, the layers' nodes still attached, and what failed.
+
+    Raises:
+        MonitorError: the nodes cannot be listed afterwards.
+    """
+    removed: list[str] = []
+    failures: list[str] = []
+    present = {n.node_name for n in await mon.named_block_nodes()}
+    for node, file_node, _ in layers:
+        for name in (node, file_node):
+            if name is None or name.startswith("#") or name not in present:
+                continue
+            try:
+                await mon.execute("blockdev-del", {"node-name": name}, timeout=timeout)
+            except MonitorError as exc:
+                failures.append(f"blockdev-del {name}: {exc}")
+                break  # the file node stays while its qcow2 node does
+            removed.append(name)
+    still = {n.node_name: n for n in await mon.named_block_nodes()}
+    left = [node for node, _, _ in layers if node in still]
+    files: list[str] = []
+    if delete_files:
+        open_files = {n.filename for n in still.values()}
+        for _, _, path in layers:
+            if path in open_files or path in files or not os.path.isabs(path):
+                continue  # still open in QEMU, or not a local file: left alone
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failures.append(f"cannot delete {path}: {exc}")
+                continue
+            files.append(path)
+    return removed, files, left, failures
+
+
 def _device_key(device_id: str | None) -> str | None:
     return device_id if device_id and re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", device_id) else None
 
@@ -107,8 +163,11 @@ class _Commit:
 
     def __init__(self, mon: Monitor, *, ready_timeout: float | None, command_timeout: float,
                  job_timeout: float, delete_files: bool, speed: int | None,
-                 on_progress: ProgressCallback | None, progress_interval: float) -> None:
+                 on_progress: ProgressCallback | None, progress_interval: float,
+                 journal: Journal | None = None) -> None:
         self.mon = mon
+        self.journal = journal
+        self.entry: Entry | None = None
         self.ready_timeout = ready_timeout
         self.ct = command_timeout
         self.jt = job_timeout
@@ -192,17 +251,79 @@ class _Commit:
         if self.speed:
             args["speed"] = self.speed
         rec.stage = "start"
+        await self.journal_start(device, job_id)
         job = self.mon.block_job("block-commit", args, on_progress=self.on_progress,
                                  progress_interval=self.progress_interval)
         try:
-            async with job:
-                rec.job_id = job_id
-                await self.ready_and_pivot(job)
-        except MonitorError as exc:
-            if rec.stage == "start":
-                raise self.fail(f"QEMU refused the commit: {exc}", exc) from exc
+            try:
+                async with job:
+                    rec.job_id = job_id
+                    await self.ready_and_pivot(job)
+            except MonitorError as exc:
+                if rec.stage == "start":
+                    raise self.fail(f"QEMU refused the commit: {exc}", exc) from exc
+                raise
+            result = await self.finish(device)
+        except BaseException:
+            # Keep the entry only if something is left for recover (nodes, or a pivot whose
+            # outcome is unknown); otherwise the VM runs where it ran, and nothing is left.
+            self.journal_end(keep=bool(rec.left_nodes) or rec.pivoted is None)
             raise
-        return await self.finish(device)
+        self.journal_end(keep=False)
+        return result
+
+    # --- the journal -----------------------------------------------------------------------
+
+    async def journal_start(self, device: str, job_id: str) -> None:
+        """Write the commit's entry before ``block-commit`` is sent. A journal that cannot be
+        written is logged, not fatal: a later commit of the disk finishes what a dead one left
+        even without it."""
+        if self.journal is None:
+            return
+        rec = self.record
+        assert rec.base is not None
+        entry = Entry(
+            op=new_op_id(), vm=await identify_vm(self.mon, timeout=self.ct),
+            owner_pid=os.getpid(), owner_start=process_start_time(os.getpid()), kind="commit",
+            overlays=[OverlayRecord(disk=device, node=n.node_name, file_node=n.file_node_name or "",
+                                    path=n.filename) for n in self.merged],
+            commit={"job": job_id, "device": device, "base": rec.base,
+                    "delete_files": self.delete_files},
+        )
+        try:
+            self.journal.write(entry)
+        except JournalError as exc:
+            log.warning("commit not journalled: %s", exc)
+            return
+        self.entry = entry
+
+    def journal_end(self, *, keep: bool) -> None:
+        entry, self.entry = self.entry, None
+        if entry is None or self.journal is None or keep:
+            return
+        try:
+            self.journal.remove(entry.op)
+        except JournalError as exc:
+            log.warning("cannot remove the commit's journal entry: %s", exc)
+
+    async def forget_settled(self, device: str) -> None:
+        """Remove the journal entries of dead commits of ``device`` that left nothing (their
+        job gone, none of their nodes attached): this call finished them."""
+        if self.journal is None:
+            return
+        try:
+            jobs = {j.get("id") for j in await self.mon.execute("query-jobs", timeout=self.ct)
+                    if isinstance(j, dict)}
+            nodes = {n.node_name for n in await self.mon.named_block_nodes()}
+        except MonitorError:
+            return
+        for item in self.journal.scan():
+            if (isinstance(item, Entry) and item.kind == "commit" and item.commit is not None
+                    and item.commit.get("device") == device and not item.owner_alive
+                    and item.commit.get("job") not in jobs
+                    and not any(o.node in nodes for o in item.overlays)):
+                with contextlib.suppress(JournalError):
+                    self.journal.remove(item.op)
 
     def pick_base(self, chain: list[ChainNode], base: str | None) -> ChainNode:
         if base is None:
@@ -268,6 +389,8 @@ class _Commit:
             raise self.fail(f"the job concluded, but the device runs on {active!r}, not the base")
         rec.stage = "cleanup"
         await run_to_completion(self.remove(self.merged))
+        if self.resumed:
+            await self.forget_settled(device)
         return self.result(device)
 
     def result(self, device: str) -> CommitResult:
@@ -281,41 +404,19 @@ class _Commit:
         )
 
     async def remove(self, merged: list[ChainNode]) -> None:
-        """blockdev-del each merged node, then its file node, top first; then (if asked)
-        their files, once no node has them open. Raises CommitError with what is left."""
+        """Remove the merged nodes (and files, if asked); CommitError with what is left."""
         rec = self.record
-        failures: list[str] = []
-        for node in merged:
-            for name in (node.node_name, node.file_node_name):
-                if name is None or name.startswith("#"):
-                    continue  # QEMU's own nodes go with their parent
-                try:
-                    await self.mon.execute("blockdev-del", {"node-name": name}, timeout=self.ct)
-                except MonitorError as exc:
-                    failures.append(f"blockdev-del {name}: {exc}")
-                    break  # the file node stays while its qcow2 node does
-                rec.removed_nodes.append(name)
+        layers = [(n.node_name, n.file_node_name, n.filename) for n in merged]
         try:
-            still = {n.node_name: n for n in await self.mon.named_block_nodes()}
+            removed, files, left, failures = await remove_merged(
+                self.mon, layers, delete_files=self.delete_files, timeout=self.ct)
         except MonitorError as exc:
-            rec.left_nodes = [n.node_name for n in merged if n.node_name not in rec.removed_nodes]
+            rec.left_nodes = [n.node_name for n in merged]
             raise self.fail(f"cannot list the block nodes after removing: {exc}", exc) from exc
-        rec.left_nodes = [n.node_name for n in merged if n.node_name in still]
-        if self.delete_files:
-            open_files = {n.filename for n in still.values()}
-            for node in merged:
-                path = node.filename
-                if path in open_files or path in rec.removed_files or not os.path.isabs(path):
-                    continue  # still open in QEMU, or not a local file: left alone
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    failures.append(f"cannot delete {path}: {exc}")
-                    continue
-                rec.removed_files.append(path)
-        if failures or rec.left_nodes:
+        rec.removed_nodes.extend(removed)
+        rec.removed_files.extend(files)
+        rec.left_nodes = left
+        if failures or left:
             raise self.fail("; ".join(failures) or "merged nodes are still attached")
 
     # --- finishing an interrupted commit ---------------------------------------------------
@@ -359,6 +460,11 @@ class _Commit:
                 return None
             if rec.base is None:
                 raise self.fail(f"cannot tell which node commit job {job_id} merges into")
+            # The dead run's speed limit is not this call's: this call's applies (none: none).
+            try:
+                await job.set_speed(self.speed or 0)
+            except MonitorError as exc:
+                log.info("cannot change the speed of job %s: %s", job_id, exc)
             await self.ready_and_pivot(job)
         return await self.finish(device)
 
@@ -394,6 +500,7 @@ class _Commit:
         rec.stage = "cleanup"
         self.merged = left
         await run_to_completion(self.remove(left))
+        await self.forget_settled(device)
         return self.result(device)
 
 
@@ -409,6 +516,7 @@ async def commit_disk(
     speed: int | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval: float = 1.0,
+    journal: Journal | None = None,
 ) -> CommitResult:
     """Commit ``disk``'s active layer into ``base``: see
     :meth:`~qmpagent.SnapshotOrchestrator.commit`.
@@ -417,6 +525,7 @@ async def commit_disk(
         timeout: for reaching READY.
         command_timeout: for each QMP command.
         job_timeout: for the completion (the pivot) once ready.
+        journal: where the commit is journalled (None: not journalled).
     """
     if not isinstance(delete_files, bool):
         raise UsageError(f"delete_files must be a bool, not {delete_files!r}")
@@ -424,7 +533,8 @@ async def commit_disk(
         raise UsageError(f"speed must be an int >= 0 (bytes per second), not {speed!r}")
     run = _Commit(mon, ready_timeout=timeout, command_timeout=command_timeout,
                   job_timeout=job_timeout, delete_files=delete_files, speed=speed,
-                  on_progress=on_progress, progress_interval=progress_interval)
+                  on_progress=on_progress, progress_interval=progress_interval,
+                  journal=journal)
     try:
         return await run.run(disk, base)
     except (CommitError, UsageError):
@@ -433,3 +543,55 @@ async def commit_disk(
         with contextlib.suppress(Exception):
             run.record.active_node = await run._read_active() if run.record.device else None
         raise run.fail(str(exc), exc) from exc
+
+
+async def settle_commit_entry(
+    mon: Monitor, entry: Entry, *, timeout: float, may_finish: bool,
+) -> tuple[list[str], list[str], list[str]]:
+    """Settle what a commit whose process died left (for :func:`qmpagent.recover`): a job of
+    ours still in QEMU is completed once ready (not ready within ``timeout``: cancelled, and
+    the VM stays on its active layer); once the device runs on the base, the merged nodes (and,
+    if that commit was to delete them, files) still there are removed.
+
+    Args:
+        may_finish: False (a snapshot's preflight): a job still in QEMU is reported, not acted
+            on.
+
+    Returns:
+        The nodes removed, the files removed, and what is unresolved (empty: settled).
+
+    Raises:
+        MonitorUnavailable: the connection to QEMU is lost.
+    """
+    info = entry.commit or {}
+    job_id, device, base = str(info.get("job")), str(info.get("device")), str(info.get("base"))
+    jobs = await mon.execute("query-jobs", timeout=timeout)
+    if any(isinstance(j, dict) and j.get("id") == job_id for j in jobs or []):
+        if not may_finish:
+            return [], [], [f"operation {entry.op}: its commit job {job_id} is still in QEMU: run "
+                            f"qmpagent recover (or qmpagent commit --disk {device}) to finish it"]
+        async with mon.attach_job(job_id) as job:
+            if job.status == "concluded":
+                await job.dismiss()
+            elif job.status in ENDED_STATUSES:
+                await job.cancel(timeout=timeout)
+            else:
+                try:
+                    await job.wait_ready(timeout=timeout)
+                    await job.complete(timeout=timeout)
+                except (JobReadyTimeout, JobError) as exc:
+                    log.info("recover: commit job %s not finished (%s)", job_id, exc)
+    active = None
+    for dev in await mon.block_devices():
+        if device in (dev.qdev_id, dev.qdev, dev.device):
+            active = dev.node_name
+    if active != base:
+        # Not pivoted: the merged nodes are still the device's chain; they stay.
+        return [], [], []
+    layers = [(o.node, o.file_node or None, o.path) for o in entry.overlays]
+    removed, files, left, failures = await remove_merged(
+        mon, layers, delete_files=bool(info.get("delete_files")), timeout=timeout)
+    unresolved = [f"operation {entry.op}: {f}" for f in failures]
+    if left:
+        unresolved.append(f"operation {entry.op}: merged nodes still attached: {', '.join(left)}")
+    return removed, files, unresolved

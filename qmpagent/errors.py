@@ -18,7 +18,9 @@ Every error the library raises on purpose derives from :class:`QMPAgentError`::
     │   └── EventOverflow               an event queue overflowed; events were lost (.dropped)
     ├── SnapshotError                   a snapshot was not taken (carries what was done)
     │   ├── BackupError                 a backup did not complete (targets removed, no dirty bit lost)
-    │   └── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
+    │   ├── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
+    │   └── UnsettledOperationError     a dead operation on this VM could not be settled, or one is live
+    ├── JournalError                    a journal file is torn, foreign or unwritable (.path)
     ├── CommitError                     a commit did not finish (says where the VM stands)
     │   └── CommitTimeout               it was not ready in time (also a TimeoutError)
     └── UsageError                      the caller misused the API (bad argument, wrong state)
@@ -49,6 +51,7 @@ __all__ = [
     "EventOverflow",
     "JobError",
     "JobReadyTimeout",
+    "JournalError",
     "MonitorCommandError",
     "MonitorError",
     "MonitorProtocolError",
@@ -59,6 +62,7 @@ __all__ = [
     "SnapshotRecord",
     "ThawError",
     "UnknownMountpointError",
+    "UnsettledOperationError",
     "UsageError",
 ]
 
@@ -378,3 +382,33 @@ class CommitTimeout(CommitError, TimeoutError):
     """The commit job was not ready within the timeout (the guest's writes may keep it from
     converging: try a quieter moment, or a ``speed`` limit). It was cancelled and dismissed:
     the VM still runs on its active layer."""
+class UnsettledOperationError(SnapshotError):
+    """A new snapshot was refused because an earlier operation on the same VM is unsettled:
+    one whose process died and that could not be settled (see :func:`qmpagent.recover` and
+    ``qmpagent recover``), or one that is still running in another process (two freeze/thaw
+    sequences on one guest would thaw each other's freeze). Nothing was changed.
+
+    Attributes:
+        unresolved: what could not be settled, one sentence each.
+    """
+
+    def __init__(self, message: str, unresolved: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.unresolved = list(unresolved or [])
+
+
+# --- journal -------------------------------------------------------------------------------------
+
+
+class JournalError(QMPAgentError):
+    """A journal file (``$XDG_STATE_HOME/qmpagent``) cannot be used: torn (not complete JSON),
+    foreign (not a qmpagent journal, or of another format version), or the directory cannot be
+    written. Such a file is never acted on, and never removed by qmpagent.
+
+    Attributes:
+        path: the file (or directory) concerned.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path

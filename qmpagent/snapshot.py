@@ -59,6 +59,7 @@ from .commit import CommitResult, commit_disk
 from .errors import (
     AgentCommandError,
     AgentError,
+    JournalError,
     MonitorCommandError,
     MonitorError,
     MonitorProtocolError,
@@ -68,8 +69,11 @@ from .errors import (
     SnapshotError,
     SnapshotRecord,
     ThawError,
+    UnsettledOperationError,
     UsageError,
 )
+from .guard import FreezeGuard
+from .journal import Entry, Journal, OverlayRecord, VMIdentity, identify_vm, new_op_id, process_start_time
 from .monitor import BlockNode, Monitor
 from .mountpoints import check_mountpoints, require_known
 from .snapshot_state import (
@@ -156,6 +160,10 @@ class SnapshotResult:
         freeze_state: where the freeze ended (a :class:`FreezeState`: ``THAWED``,
             ``EXTERNAL``, ``SKIPPED``, ``NOT_FROZEN``, ...).
         transaction_state: where the transaction ended (``APPLIED`` for every result).
+        guarded: the freeze guard (a process of its own, :mod:`qmpagent.guard`) stood by for
+            the whole freeze, ready to thaw had this process died or got stuck. False when no
+            freeze was sent, or when the guard could not be started or died (then
+            ``warnings`` says so: the snapshot was thawed by this process, as without a guard).
     """
 
     quiesced: bool
@@ -171,6 +179,7 @@ class SnapshotResult:
     warnings: tuple[str, ...] = ()
     freeze_state: FreezeState = FreezeState.NOT_TRIED
     transaction_state: TransactionState = TransactionState.APPLIED
+    guarded: bool = False
 
 
 class _Step(enum.IntEnum):
@@ -294,6 +303,13 @@ class SnapshotOrchestrator:
         job_timeout: timeout of each overlay-creating job.
         agent_chardev: the agent's chardev label, if the port is not the usual
             ``org.qemu.guest_agent.0``.
+        journal_dir: where each operation's journal entry is written durably before each of
+            its steps (default ``$XDG_STATE_HOME/qmpagent``, else ``~/.local/state/qmpagent``;
+            see :mod:`qmpagent.journal`); :func:`qmpagent.recover` settles what a dead
+            operation left. A finished operation leaves nothing there.
+        guard: start the freeze guard (:mod:`qmpagent.guard`) before each freeze: a separate
+            process that thaws the guest if this process dies, or its event loop is blocked
+            past ``freeze_timeout``, while a freeze of ours may be in place.
 
     Raises:
         UsageError: a timeout that is not a positive finite number of seconds (a bool, a
@@ -310,6 +326,8 @@ class SnapshotOrchestrator:
         command_timeout: float = 30.0,
         job_timeout: float = 120.0,
         agent_chardev: str | None = None,
+        journal_dir: str | os.PathLike[str] | None = None,
+        guard: bool = True,
     ) -> None:
         self.monitor = monitor
         self._agent: GuestAgent | None = agent if isinstance(agent, GuestAgent) else None
@@ -325,6 +343,10 @@ class SnapshotOrchestrator:
         if agent_chardev is not None and not isinstance(agent_chardev, str):
             raise UsageError(f"agent_chardev must be a string or None, not {agent_chardev!r}")
         self.agent_chardev = agent_chardev
+        if journal_dir is not None and not isinstance(journal_dir, (str, os.PathLike)):
+            raise UsageError(f"journal_dir must be a path or None, not {journal_dir!r}")
+        self.journal = Journal(journal_dir)
+        self.guard = bool(guard)
         # One snapshot at a time through this orchestrator: two interleaved freeze/thaw
         # sequences on one guest would thaw each other's freeze.
         self._busy = asyncio.Lock()
@@ -487,6 +509,7 @@ class SnapshotOrchestrator:
                 self.monitor, disk, base=base, delete_files=delete_files, timeout=ready,
                 command_timeout=t.command, job_timeout=t.job, speed=speed,
                 on_progress=on_progress, progress_interval=progress_interval,
+                journal=self.journal,
             )
 
     async def backup(
@@ -666,6 +689,12 @@ class _Operation:
         self.resolve_deadline: float | None = None
         # A BaseException raised by on_phase, held until it is safe to raise (see _checkpoint).
         self.interrupt: BaseException | None = None
+        # Crash safety (issue 13): the VM's identity, this operation's journal entry, and the
+        # freeze guard (None: not started).
+        self.identity: VMIdentity | None = None
+        self.entry: Entry | None = None
+        self.guard: FreezeGuard | None = None
+        self.guarded = False
 
     # --- driver ---------------------------------------------------------------------------
 
@@ -675,10 +704,15 @@ class _Operation:
             try:
                 with self._phase(Phase.PREFLIGHT):
                     await self._preflight_vm(disks)
+                    await self._check_journal()
                     if self.mode is Quiesce.OFF:
                         self.state.skip("quiesce is off")
                     else:
                         await self._preflight_agent()
+                # Durably, before anything is created: what this operation is about to make.
+                self._journal_prepare()
+                # The guard's start-up (~0.1 s) overlaps the prepare phase.
+                self._start_guard()
                 with self._phase(Phase.PREPARE):
                     await self._prepare()
                 await self._freeze_snapshot_thaw()
@@ -687,6 +721,7 @@ class _Operation:
                 await _keeping_thaw_error(exc, self._cleanup(exc))
                 raise
             finally:
+                await _keeping_thaw_error(sys.exc_info()[1], self._finish_journal())
                 await _keeping_thaw_error(sys.exc_info()[1], self._close_agents())
         except BaseException as exc:
             held = self.interrupt
@@ -721,6 +756,7 @@ class _Operation:
             warnings=tuple(self.warnings),
             freeze_state=st.freeze,
             transaction_state=st.transaction,
+            guarded=self.guarded,
         )
 
     @contextlib.contextmanager
@@ -778,6 +814,236 @@ class _Operation:
         log.info("snapshot cannot be quiesced: %s", self.state.reason)
         if self.mode is Quiesce.REQUIRED:
             raise self._fail(f"quiesce required but not possible: {self.state.reason}", cause)
+
+    # --- crash safety: journal and guard (issue 13) -----------------------------------------
+
+    async def _check_journal(self) -> None:
+        """Identify the VM; settle what earlier, dead operations on it left (the same work as
+        :func:`qmpagent.recover`), or refuse (UnsettledOperationError) if that is not
+        possible or one of them is still running."""
+        from .recovery import settle_journal
+
+        try:
+            self.identity = await identify_vm(self.mon, timeout=self.t.command)
+            orch = self.orch
+            agent: GuestAgent | AgentAddress | None = None
+            if self.mode is not Quiesce.OFF:
+                agent = orch._agent if orch._agent is not None else orch._agent_address
+            report = await settle_journal(
+                self.mon, agent, orch.journal, self.identity, timeout=self.t.command,
+                agent_chardev=orch.agent_chardev, may_thaw=False,
+            )
+        except MonitorError as exc:
+            raise self._fail(f"preflight: cannot query QEMU: {exc}", exc) from exc
+        for err in report.journal_errors:
+            self.warnings.append(f"journal: {err}")
+            log.warning("journal: %s", err)
+        if report.unresolved:
+            raise UnsettledOperationError(
+                "an earlier snapshot operation on this VM is unsettled: "
+                + "; ".join(report.unresolved)
+                + " (nothing was changed; settle it with qmpagent.recover() or `qmpagent recover`)",
+                report.unresolved,
+            )
+        if report.settled:
+            text = report.render().replace("\n", ";")
+            self.warnings.append(f"settled an earlier operation on this VM that had died: {text}")
+            log.warning("%s", self.warnings[-1])
+
+    def _journal_prepare(self) -> None:
+        assert self.identity is not None
+        me = os.getpid()
+        self.entry = Entry(
+            op=new_op_id(),
+            vm=self.identity,
+            owner_pid=me,
+            owner_start=process_start_time(me),
+            overlays=[OverlayRecord(o.node, o.node_name, o.file_node_name, o.path) for o in self.overlays],
+        )
+        self._journal_write("prepare")
+
+    def _journal_write(self, step: str, *, required: bool = True) -> None:
+        """Write the entry durably, announcing ``step`` (before it is taken). A failure is a
+        SnapshotError when ``required`` (before a step), else a warning."""
+        entry = self.entry
+        if entry is None:
+            return
+        entry.step = step
+        entry.freeze = self.state.freeze.value
+        entry.transaction = self.state.transaction.value
+        try:
+            self.orch.journal.write(entry)
+        except JournalError as exc:
+            if required:
+                raise self._fail(f"cannot write the journal: {exc}", exc) from exc
+            self.warnings.append(f"cannot write the journal: {exc}")
+            log.warning("%s", self.warnings[-1])
+
+    def _leaves_something(self) -> bool:
+        """Whether this operation (now ending) may leave something for recovery: a freeze
+        that may be in place, a transaction of unknown outcome, nodes or files it could not
+        remove."""
+        st, rec = self.state, self.record
+        if st.must_settle or st.freeze is FreezeState.THAW_FAILED:
+            return True
+        if st.transaction in (TransactionState.SENT, TransactionState.UNKNOWN):
+            return True
+        if st.snapshot_taken is False:
+            if set(rec.overlays_added) - set(rec.overlays_removed):
+                return True
+            if set(rec.files_created) - set(rec.files_removed):
+                return True
+            if any(o.step > _Step.NONE and o.path not in rec.files_removed and os.path.lexists(o.path)
+                   for o in self.overlays):
+                return True
+        return False
+
+    async def _finish_journal(self) -> None:
+        """At the very end: stop the guard; remove the journal entry, or (something is left)
+        hand it over to recovery (owner 0: nobody runs it any more)."""
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            if not self.state.must_settle:
+                guard.disarm()
+            await guard.close()
+            agent = self.agent
+            if agent is not None and agent.is_connected:
+                agent.hold_reading(False)
+                if guard.took_over is not None:
+                    # The guard spoke on this connection: resync before it is used again.
+                    with contextlib.suppress(AgentError):
+                        await agent.sync(timeout=self.t.agent)
+        entry = self.entry
+        if entry is None:
+            return
+        try:
+            if self._leaves_something():
+                entry.owner_pid, entry.owner_start = 0, None
+                self._journal_write(entry.step, required=False)
+                log.warning("operation %s left something unsettled: journal entry %s kept for "
+                            "qmpagent recover", entry.op, entry.path)
+            else:
+                self.orch.journal.remove(entry.op)
+        except JournalError as exc:
+            self.warnings.append(f"journal: {exc}")
+            log.warning("journal: %s", exc)
+
+    def _start_guard(self) -> None:
+        """Start the freeze guard if a freeze will be attempted (outside the window)."""
+        if not self.orch.guard or self.state.freeze is not FreezeState.NOT_TRIED or self.agent is None:
+            return
+        assert self.entry is not None
+        fd = self.agent.socket_fileno()
+        if fd is None:
+            self._guard_warning("the agent connection has no socket to hand to the freeze guard")
+            return
+        guard = FreezeGuard()
+        try:
+            guard.start(fd, self.entry.op, self.orch.journal.directory, self.t.thaw)
+        except OSError as exc:
+            self._guard_warning(f"the freeze guard could not be started: {exc}")
+            return
+        self.guard = guard
+
+    def _guard_warning(self, why: str) -> None:
+        self.warnings.append(
+            f"{why}: had this process died inside the freeze window, the guest would have stayed "
+            "frozen (this process thawed it itself)"
+        )
+        log.warning("%s", self.warnings[-1])
+
+    async def _guard_ready(self) -> None:
+        guard = self.guard
+        if guard is not None and not guard.ready and not await guard.wait_ready(10.0):
+            self._guard_warning(guard.lost or "the freeze guard did not start")
+            self.guard = None
+            await guard.close()
+
+    def _arm_guard(self) -> None:
+        """Right before the freeze is written: one non-blocking send."""
+        guard = self.guard
+        if guard is not None:
+            self.guarded = guard.arm(time.monotonic() + self.freeze_timeout)
+
+    def _disarm_guard(self) -> None:
+        """Nothing of ours is frozen any more: tell the guard, and learn whether it was
+        still there."""
+        guard = self.guard
+        if guard is None or not guard.armed:
+            return
+        guard.poll()
+        if guard.lost is None and not guard.alive:
+            guard.lost = "the freeze guard exited"
+        if guard.lost is not None:
+            self.guarded = False
+            self._guard_warning(f"the freeze guard died during the freeze ({guard.lost})")
+        guard.disarm()
+
+    def _settled(self) -> None:
+        """Nothing of ours is frozen any more (if so): disarm the guard and say so durably
+        (after the thaw: outside the window)."""
+        if self.state.must_settle:
+            return
+        self._disarm_guard()
+        if self.entry is not None and self.entry.step == "freeze":
+            self._journal_write("settled", required=False)
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[bool]:
+        """Around an agent command after the guard was armed: True if ours to send. Between
+        such commands our connection does not read from the agent socket (the guard may be
+        reading its duplicate): reading resumes for the command only."""
+        guard, agent = self.guard, self.agent
+        if guard is None or not guard.armed or agent is None:
+            yield True
+            return
+        with guard.turn() as mine:
+            if not mine:
+                yield False
+                return
+            agent.hold_reading(False)
+            try:
+                yield True
+            finally:
+                if guard.armed and agent is self.agent:
+                    agent.hold_reading(True)
+
+    def _hold_agent(self) -> None:
+        """The freeze is ours (or may be) and the guard is armed: stop reading the agent
+        socket until our next command (one syscall, in the window)."""
+        if self.guard is not None and self.guard.armed and self.agent is not None:
+            self.agent.hold_reading(True)
+
+    def _guard_has_it(self) -> bool:
+        guard = self.guard
+        if guard is None:
+            return False
+        guard.poll()
+        return guard.took_over is not None
+
+    async def _take_guard_result(self, deadline: float) -> None:
+        """The guard took the agent over (this process was stuck past the deadline): wait for
+        what it did and record it."""
+        guard = self.guard
+        assert guard is not None
+        st = self.state
+        res = await guard.wait_result(max(0.0, deadline - time.monotonic()))
+        why = f"the freeze guard took over ({guard.took_over})"
+        if res is None or res.result == "failed":
+            self.agent_error = AgentError(f"{why} and could not thaw: {res.detail if res else 'no report'}")
+            return
+        self.warnings.append(f"{why}: this process did not thaw within freeze_timeout; "
+                             f"the guard {'thawed' if res.result == 'thawed' else 'found the guest thawed'}")
+        log.warning("%s", self.warnings[-1])
+        now = time.monotonic()
+        if res.result == "thawed":
+            if st.freeze is FreezeState.SENT_UNRESOLVED:
+                st.freeze_resolved(True, "")
+            st.thaw_confirmed(res.thawed, now)
+        elif st.freeze is FreezeState.SENT_UNRESOLVED:
+            st.freeze_resolved(False, f"{why}: the freeze had not frozen the guest")
+        elif st.freeze is FreezeState.OURS:
+            st.thaw_confirmed(None, now)
 
     # --- preflight ------------------------------------------------------------------------
 
@@ -967,8 +1233,17 @@ class _Operation:
                 # Port state again, right before the freeze: prepare may have taken a while.
                 await self._check_port_still_open()
             if st.freeze is FreezeState.NOT_TRIED:
+                # Durably, before the freeze is written (outside the window), and the guard up.
+                self._journal_write("freeze")
+                await self._guard_ready()
                 with self._phase(Phase.FREEZE):
-                    await self._freeze()
+                    try:
+                        await self._freeze()
+                    finally:
+                        if not st.must_settle:
+                            self._disarm_guard()
+                        else:
+                            self._hold_agent()
             with self._phase(Phase.TRANSACTION):
                 await self._snapshot()
         finally:
@@ -978,6 +1253,8 @@ class _Operation:
             if st.must_settle:
                 with self._phase(Phase.THAW):
                     await run_to_completion(self._settle())
+                    self._settled()
+            self._settled()
 
     async def _check_port_still_open(self) -> None:
         try:
@@ -1007,6 +1284,7 @@ class _Operation:
         st = self.state
         # The freeze's own wait is part of the window.
         wait = min(self.t.agent, self.freeze_timeout)
+        self._arm_guard()
         try:
             n = await self.agent.fsfreeze_freeze(
                 self.mountpoints, timeout=wait, on_sent=self._freeze_written
@@ -1074,8 +1352,11 @@ class _Operation:
             agent = self.agent
             assert agent is not None
             try:
-                # Resyncs first: the late freeze reply, if any, is dropped as stale.
-                status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
+                with self._turn() as mine:
+                    if not mine:
+                        return  # the guard has the agent: _settle takes its result
+                    # Resyncs first: the late freeze reply, if any, is dropped as stale.
+                    status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
             except AgentError as exc:
                 self.agent_error = exc
                 if not agent.is_connected and await self._reconnect_agent(deadline) is None:
@@ -1177,6 +1458,18 @@ class _Operation:
             # An answer of the wrong shape: still SENT; the cleanup asks QEMU what it did,
             # once our freeze is thawed.
             raise self._fail(f"the transaction failed: {exc}", exc) from exc
+        if deadline is not None and self._guard_has_it():
+            # This process was stuck past the deadline while the transaction ran, and the
+            # guard thawed: the transaction may have been applied after the thaw.
+            await self._take_guard_result(time.monotonic() + self.t.thaw)
+            reason = (f"{self._window_reason()}: this process was stuck and the freeze guard "
+                      "thawed the guest while the transaction ran")
+            st.not_quiesced(reason)
+            st.transaction_outcome(TransactionState.APPLIED)
+            if self.mode is Quiesce.REQUIRED and not st.quiesced:
+                raise self._fail(f"{reason}; the snapshot was taken but is not guaranteed quiesced: "
+                                 "the VM now runs on the overlays")
+            return
         st.transaction_outcome(TransactionState.APPLIED)
 
     async def _window_exceeded(self, exc: MonitorTimeout | None, reason: str) -> None:
@@ -1242,12 +1535,16 @@ class _Operation:
         if not st.must_settle:
             return
         deadline = time.monotonic() + self.t.thaw
+        if self.guard is not None:
+            self.guard.extend(deadline)  # we are thawing: the guard waits for us until then
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + self.t.thaw
-            if st.freeze is FreezeState.SENT_UNRESOLVED:
+            if st.freeze is FreezeState.SENT_UNRESOLVED and not self._guard_has_it():
                 await self._resolve(deadline)
-            if st.freeze is FreezeState.OURS:
+            if st.freeze is FreezeState.OURS and not self._guard_has_it():
                 await self._thaw(deadline)
+            if st.must_settle and self._guard_has_it():
+                await self._take_guard_result(deadline)
         last = self.agent_error
         if st.freeze is FreezeState.SENT_UNRESOLVED:
             st.thaw_failed()
@@ -1273,8 +1570,12 @@ class _Operation:
         pause = 0.05
         while time.monotonic() < deadline:
             try:
-                n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
-                st.thaw_confirmed(n, time.monotonic())
+                with self._turn() as mine:
+                    if not mine:
+                        return  # the guard has the agent: _settle takes its result
+                    n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
+                    st.thaw_confirmed(n, time.monotonic())
+                    self._disarm_guard()  # before the turn ends: the guard never acts after it
                 if n > st.frozen:
                     # qemu-ga's thaw takes no list: it thawed a freeze that was not ours.
                     self.warnings.append(
@@ -1290,13 +1591,17 @@ class _Operation:
             if time.monotonic() >= deadline:
                 break
             try:
-                status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
-                if status is FreezeStatus.THAWED:
-                    # The thaw went through; its count was lost with the reply: it thawed
-                    # (at least) what we froze.
-                    st.thaw_confirmed(None, time.monotonic())
-                    log.warning("thaw reply lost, but the guest is thawed")
-                    return
+                with self._turn() as mine:
+                    if not mine:
+                        return
+                    status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
+                    if status is FreezeStatus.THAWED:
+                        # The thaw went through; its count was lost with the reply: it thawed
+                        # (at least) what we froze.
+                        st.thaw_confirmed(None, time.monotonic())
+                        self._disarm_guard()
+                        log.warning("thaw reply lost, but the guest is thawed")
+                        return
             except AgentError as exc:
                 self.agent_error = exc
             if not agent.is_connected:

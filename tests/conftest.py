@@ -25,3 +25,10 @@ async def mon(fake: FakeQMPServer) -> AsyncIterator[Monitor]:
         yield monitor
     finally:
         await monitor.close()
+
+
+@pytest.fixture(autouse=True)
+def _private_journal(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's snapshot journal (``$XDG_STATE_HOME/qmpagent``) in a directory of its own,
+    never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

@@ -40,6 +40,7 @@ from qmpagent import (
     MonitorUnavailable,
     SnapshotError,
     SnapshotOrchestrator,
+    UnknownMountpointError,
 )
 from qmpagent.testing import FakeVM, boot_guest, read_qcow2_header
 from qmpagent.testing.pytest_plugin import require_guest_image
@@ -651,6 +652,143 @@ def _qcow2_view(path: Path, backing: str) -> tuple[int, bytes, int, bytes]:
     assert int.from_bytes(data[16:20], "big") == len(name)
     assert data[at + len(name) : 65536] == bytes(65536 - at - len(name))
     return len(data), data[:16] + data[20:at], at, data[65536:]
+
+
+def _sized(line: bytes) -> bytes:
+    """An event or reply with its byte counts (which depend on the image's data) as N."""
+    return re.sub(rb'"(len|offset|current-progress|total-progress)": \d+', rb'"\1": N', line)
+
+
+async def _events_until(q: RawQMP, last: bytes) -> list[bytes]:
+    """Every event (sized) up to and including the first that contains ``last``."""
+    seen: list[bytes] = []
+    while not seen or last not in seen[-1]:
+        if q.events:
+            seen.append(_sized(q.events.pop(0)))
+            continue
+        line = await q.line()
+        if line.startswith(b'{"timestamp"'):
+            q.events.append(_untimed(line))
+    return seen
+
+
+def _status(job: bytes, status: bytes) -> bytes:
+    return b'{"event": "JOB_STATUS_CHANGE", "data": {"status": "%s", "id": "%s"}}\r\n' % (status, job)
+
+
+def _block_event(name: bytes, job: bytes, speed: int = 0) -> bytes:
+    return (b'{"event": "%s", "data": {"device": "%s", "len": N, "offset": N, "speed": %d, '
+            b'"type": "commit"}}\r\n' % (name, job, speed))
+
+
+async def test_qmp_active_commit_bytes(peer: Peer) -> None:
+    """docs/design.md 4: an active block-commit: running -> ready -> block-job-complete pivots;
+    cancelled: aborting; its errors; the job's edges in x-debug-query-block-graph."""
+    async with monitor(peer) as mon:
+        path = await _make_overlay(mon, peer, "ccm", 1)
+        await mon.execute("transaction", {"actions": [
+            {"type": "blockdev-snapshot", "data": {"node": "disk1", "overlay": "ccm"}}]})
+    try:
+        async with raw_qmp(peer) as q:
+            unknown = qerr("Block job 'nope' not found", "DeviceNotActive")
+            assert await q.request("block-job-complete", {"device": "nope"}) == unknown
+            assert await q.request("block-job-cancel", {"device": "nope"}) == unknown
+            assert await q.request("block-job-set-speed", {"device": "nope", "speed": 1}) == unknown
+            commit = {"job-id": "cc1", "device": "ccm", "base-node": "disk1", "auto-dismiss": False}
+            assert await q.request("block-commit", {**commit, "base-node": "file1"}) == qerr(
+                "'file1' is not in this backing file chain")
+            assert await q.request("block-commit", {**commit, "base-node": "nope"}) == qerr(
+                "Cannot find device='' nor node-name='nope'")
+            assert await q.request("block-commit", commit) == b'{"return": {}}\r\n'
+            assert await q.request("block-commit", {**commit, "job-id": "cc2"}) == qerr(
+                "Need a root block node")
+            graph = json.loads(await q.request("x-debug-query-block-graph"))["return"]
+            names = {n["id"]: (n["type"], n["name"]) for n in graph["nodes"]}
+            job_edges = {(e["name"], names[e["child"]][1]) for e in graph["edges"]
+                         if names[e["parent"]] == ("block-job", "cc1")}
+            assert {("source", "ccm"), ("target", "disk1")} <= job_edges
+            assert await q.request("block-job-set-speed", {"device": "cc1", "speed": 0}) == (
+                b'{"return": {}}\r\n')
+            # (an empty overlay: ready at once on both)
+            assert await _events_until(q, b"BLOCK_JOB_READY") == [
+                _status(b"cc1", b"created"), _status(b"cc1", b"running"),
+                _status(b"cc1", b"ready"), _block_event(b"BLOCK_JOB_READY", b"cc1")]
+            assert _sized(await q.request("query-jobs")) == (
+                b'{"return": [{"current-progress": N, "status": "ready", "total-progress": N, '
+                b'"type": "commit", "id": "cc1"}]}\r\n')
+            assert await q.request("block-job-complete", {"device": "cc1"}) == b'{"return": {}}\r\n'
+            assert await _events_until(q, b'"concluded"') == [
+                _status(b"cc1", b"waiting"), _status(b"cc1", b"pending"),
+                _block_event(b"BLOCK_JOB_COMPLETED", b"cc1"), _status(b"cc1", b"concluded")]
+            assert _sized(await q.request("query-jobs")) == (
+                b'{"return": [{"current-progress": N, "status": "concluded", "total-progress": N, '
+                b'"type": "commit", "id": "cc1"}]}\r\n')
+            assert await q.request("job-dismiss", {"id": "cc1"}) == b'{"return": {}}\r\n'
+        async with monitor(peer) as mon:
+            assert await mon.device_node_name("vblk1") == "disk1"  # pivoted
+            nodes = {n.node_name: n for n in await mon.named_block_nodes()}
+            assert not nodes["disk1"].read_only and not nodes["ccm"].read_only
+            # A second overlay, and a ready commit cancelled (force: no final sync).
+            await mon.execute("blockdev-del", {"node-name": "ccm"})
+            await mon.execute("blockdev-del", {"node-name": "ccmf"})
+            path.unlink()
+            path = await _make_overlay(mon, peer, "ccm", 1)
+            await mon.execute("transaction", {"actions": [
+                {"type": "blockdev-snapshot", "data": {"node": "disk1", "overlay": "ccm"}}]})
+        async with raw_qmp(peer) as q:
+            assert await q.request("block-commit", commit) == b'{"return": {}}\r\n'
+            await _events_until(q, b"BLOCK_JOB_READY")
+            assert await q.request("block-job-cancel", {"device": "cc1", "force": True}) == (
+                b'{"return": {}}\r\n')
+            assert await _events_until(q, b'"concluded"') == [
+                _status(b"cc1", b"aborting"), _block_event(b"BLOCK_JOB_CANCELLED", b"cc1"),
+                _status(b"cc1", b"concluded")]
+            assert _sized(await q.request("query-jobs")) == (
+                b'{"return": [{"current-progress": N, "status": "concluded", "total-progress": N, '
+                b'"type": "commit", "id": "cc1", "error": "Operation canceled"}]}\r\n')
+            assert await q.request("job-dismiss", {"id": "cc1"}) == b'{"return": {}}\r\n'
+        async with monitor(peer) as mon:
+            assert await mon.device_node_name("vblk1") == "ccm"  # cancelled: not pivoted
+    finally:
+        # Leave the VM as found: disk1 the root again, the overlay gone.
+        async with monitor(peer) as mon:
+            for job in await mon.execute("query-jobs"):
+                async with mon.attach_job(job["id"]):
+                    pass  # cancelled and dismissed on the way out
+            orch = SnapshotOrchestrator(mon, journal_dir=peer.workdir / "journal")
+            if await mon.device_node_name("vblk1") == "ccm":
+                await orch.commit("vblk1", delete_files=True)
+            for name in ("ccm", "ccmf"):
+                with contextlib.suppress(MonitorCommandError):
+                    await mon.execute("blockdev-del", {"node-name": name})
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+async def test_orchestrator_lifecycle_results(peer: Peer) -> None:
+    """chain, commit and snapshot(mountpoints=) give the same results on both peers."""
+    async with monitor(peer) as mon, await GuestAgent.connect(peer.agent_address, timeout=TIMEOUT) as ga:
+        orch = SnapshotOrchestrator(mon, agent=ga, journal_dir=peer.workdir / "journal")
+        before = [n.node_name for n in await orch.chain("vblk1")]
+        assert before[0] == "disk1"
+        res = await orch.snapshot({"vblk1": str(peer.workdir / "lc1.qcow2")}, mountpoints=["/mnt/data2"])
+        assert (res.quiesced, res.frozen, res.thawed, res.warnings) == (True, 1, 1, ())
+        chain = await orch.chain("vblk1")
+        assert [n.node_name for n in chain[1:]] == before
+        assert [n.depth for n in chain] == list(range(len(chain)))
+        assert (chain[0].format, chain[0].driver, chain[0].filename) == (
+            "qcow2", "qcow2", str(peer.workdir / "lc1.qcow2"))
+        assert chain[0].file_node_name is not None and chain[1].file_node_name == "file1"
+        assert chain[0].virtual_size == chain[1].virtual_size == 64 << 20
+        with pytest.raises(UnknownMountpointError) as info:
+            await orch.snapshot({"vblk1": str(peer.workdir / "lc2.qcow2")}, mountpoints=["/mnt/x"])
+        assert info.value.known == sorted(set(info.value.known)) and "/mnt/data2" in info.value.known
+        merged = await orch.commit("vblk1", delete_files=True)
+        assert (merged.active_node, merged.top, merged.resumed) == ("disk1", chain[0].node_name, False)
+        assert merged.removed_nodes == [chain[0].node_name, chain[0].file_node_name]
+        assert merged.removed_files == [str(peer.workdir / "lc1.qcow2")]
+        assert [n.node_name for n in await orch.chain("vblk1")] == before
+        assert not await mon.execute("query-jobs")
 
 
 async def test_qmp_overlay_nodes_and_image(peer: Peer) -> None:

@@ -37,7 +37,8 @@ async def run(script: str, *args: object, timeout: float = 180.0) -> tuple[int, 
 
 def test_every_example_is_tested() -> None:
     scripts = {p.name for p in EXAMPLES.glob("*.py")} - {"test_with_fakes.py"}
-    assert scripts == {"agent_commands.py", "quiesced_snapshot.py", "watch_events.py"}
+    assert scripts == {"agent_commands.py", "quiesced_snapshot.py", "snapshot_lifecycle.py",
+                       "watch_events.py"}
 
 
 async def test_examples_against_a_guest(qemu_guest: Guest) -> None:
@@ -60,6 +61,17 @@ async def test_examples_against_a_guest(qemu_guest: Guest) -> None:
     rc, out, err = await run("quiesced_snapshot.py", "--qmp", g.qmp_path, "--agent", g.agent_path,
                              "--disk", f"disk0={g.workdir}/again.qcow2")
     assert rc == 1 and err.startswith("snapshot failed in transaction: "), (out, err)
+
+    # snapshot_lifecycle: snapshot -> copy of the base -> commit back (on top of the above)
+    rc, out, err = await run("snapshot_lifecycle.py", "--qmp", g.qmp_path, "--agent", g.agent_path,
+                             "--disk", "vblk0", "--overlay", g.workdir / "cycle.qcow2",
+                             "--copy", g.workdir / "copy.qcow2")
+    assert rc == 0, (out, err)
+    assert out.startswith(f"chain before: {overlay_node(out)} -> disk0 -> ")
+    assert "snapshot: froze 1 filesystem(s), thawed 1" in out
+    assert f"to {g.workdir}/copy.qcow2 in " in out and (g.workdir / "copy.qcow2").exists()
+    assert f"removed files {g.workdir}/cycle.qcow2" in out
+    assert not (g.workdir / "cycle.qcow2").exists()
 
     # watch_events: VSERPORT_CHANGE from stopping and restarting qemu-ga (at most one event a
     # second per port, so keep toggling until the watcher has seen one)
@@ -85,6 +97,11 @@ async def test_examples_against_a_guest(qemu_guest: Guest) -> None:
         await g.start_agent()
 
 
+def overlay_node(out: str) -> str:
+    """The first node of the "chain before:" line (the earlier snapshot's overlay)."""
+    return out.split("\n", 1)[0].split(": ", 1)[1].split(" -> ")[0]
+
+
 async def _toggle_agent_while(guest: Guest, running: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 90
     try:
@@ -105,6 +122,8 @@ async def _toggle_agent_while(guest: Guest, running: Callable[[], bool]) -> None
         ("agent_commands.py", ["agent: qemu-ga {agent}", "mounted: /mnt/data (ext4 on vda)"]),
         ("quiesced_snapshot.py", ["quiesced snapshot: froze 1 filesystem(s), thawed 1, "
                                   "freeze owner self", "disk0 -> "]),
+        ("snapshot_lifecycle.py", ["chain before: disk0 -> ", "snapshot: froze 1 filesystem(s)",
+                                   "commit: ", " merged into disk0 in ", "chain after: disk0 -> "]),
         ("watch_events.py", [" STOP {}", " RESUME {}", ' VSERPORT_CHANGE {"open": false, ',
                              ' VSERPORT_CHANGE {"open": true, ']),
     ],

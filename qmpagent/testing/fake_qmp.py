@@ -75,13 +75,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..monitor import AGENT_PORT_NAME
-from ._block_graph import BlockLayer, FakeBlockDevice, FakeBlockNode
+from ._block_graph import BlockGraph, BlockLayer, FakeBlockDevice, FakeBlockNode
 from ._faults import QMP_KINDS, Fault, FaultKind, FaultTable, Injection
 from ._json_reader import QEMUJSONStreamParser
 from ._json_writer import qemu_json
 from ._qcow2 import Qcow2Header, create_qcow2_image, read_qcow2_header
 from ._qmp_backup import FakeBackupJob, FakeBackups, FakeBitmap
 from ._qmp_commands import BUILTIN_HANDLERS, block_handlers
+from ._qmp_commit import FakeCommitJob, commit_handlers
 from ._qmp_error import FakeQMPError
 from ._qmp_events import EventThrottle, make_event
 from ._qmp_jobs import FakeJob, JobRunner, JobWork
@@ -94,6 +95,7 @@ __all__ = [
     "FakeBlockDevice",
     "FakeBlockNode",
     "FakeCall",
+    "FakeCommitJob",
     "FakeJob",
     "FakeQMPConnection",
     "FakeQMPError",
@@ -464,6 +466,10 @@ class FakeQMPServer(AsyncService):
         jobs: job id -> :class:`FakeJob`.
         rate_limits: event name -> minimum seconds between two events of one key (the model's
             events only; see :meth:`queue_event`).
+        commit_rate: bytes a second an active ``block-commit`` copies (before its ``speed``).
+        commit_size: bytes an active commit has to copy when it starts.
+        guest_write_rate: bytes a second the guest dirties while a commit runs (as fast as
+            ``commit_rate``: the job is never ready, as under heavy writes).
     """
 
     def __init__(
@@ -514,6 +520,9 @@ class FakeQMPServer(AsyncService):
         }
         self.jobs: dict[str, FakeJob] = {}
         self.rate_limits: dict[str, float] = {"VSERPORT_CHANGE": vserport_rate_limit}
+        self.commit_rate: float = 1 << 30
+        self.commit_size: int = 8 << 20
+        self.guest_write_rate: float = 0.0
         self._job_runner = JobRunner(lambda: self.jobs, self.emit)
         self._throttle = EventThrottle(
             self._send_event, lambda name: self.rate_limits.get(name, 0.0)
@@ -521,6 +530,7 @@ class FakeQMPServer(AsyncService):
         self.handlers.update(BUILTIN_HANDLERS)
         if block_commands:
             self.handlers.update(block_handlers(self._block, self._start_announced_job))
+            self.handlers.update(commit_handlers(self, self._follow_roots))
         if agent_port:
             self.qom["/machine/peripheral/vser0"] = FakeQOMObject("virtio-serial-pci")
             self.add_serial_port("qgaport0", AGENT_PORT_NAME, "qga0", open=agent_port_open)
@@ -949,10 +959,18 @@ class FakeQMPServer(AsyncService):
             FakeQMPError: what QEMU would answer (nothing was applied).
         """
         self._block.snapshot(actions)
+        self._follow_roots()
+
+    def _follow_roots(self, job: FakeCommitJob | None = None) -> None:
         for device in self._block.graph.devices.values():  # QOM follows the new roots
             obj = self.qom.get(f"/machine/peripheral/{device.device_id}")
             if obj is not None:
                 obj.properties["drive"] = device.root
+
+    def nodes_graph(self) -> BlockGraph:
+        """The current block graph (nodes and devices; replaced by each transaction).
+        Raises nothing."""
+        return self._block.graph
 
     def node_info(self, node_name: str, *, flat: bool = True) -> dict[str, Any]:
         """The ``query-named-block-nodes`` entry of a node (``BlockDeviceInfo``); as in QEMU,
