@@ -53,6 +53,7 @@ from typing import Final
 import anyio
 
 from ._guard_wire import BOOT, GRACE
+from ._shield import run_to_completion
 
 __all__ = ["GRACE", "FreezeGuard", "GuardResult"]
 
@@ -98,7 +99,7 @@ class FreezeGuard:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def start(self, agent_fd: int, op: str, journal_dir: Path, thaw_timeout: float) -> None:
+    def start(self, agent_fd: int, op: str, journal_dir: Path, *, thaw_timeout: float) -> None:
         """Start the guard process (fork + exec of ``sys.executable -m qmpagent._guard_main``).
 
         Raises:
@@ -149,7 +150,7 @@ class FreezeGuard:
         """Whether the guard is up and can act for us."""
         return self.ready and self.lost is None and self.alive
 
-    async def wait_ready(self, timeout: float) -> bool:
+    async def wait_ready(self, *, timeout: float) -> bool:
         """Wait until the guard says it is ready (it imported, opened its lock). False (and
         :attr:`lost` says why) if it did not in time or died."""
         assert self.sock is not None
@@ -262,7 +263,7 @@ class FreezeGuard:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    async def wait_result(self, timeout: float) -> GuardResult | None:
+    async def wait_result(self, *, timeout: float) -> GuardResult | None:
         """After the guard took over: its result, or None if none came within ``timeout``
         (or it died without one)."""
         loop = asyncio.get_running_loop()
@@ -297,15 +298,19 @@ class FreezeGuard:
         proc = self.proc
         if proc is None:
             return
-        with anyio.CancelScope(shield=True):
-            deadline = time.monotonic() + 2.0
-            pause = 0.001
-            while proc.poll() is None and time.monotonic() < deadline:
-                await anyio.sleep(pause)
-                pause = min(pause * 2, 0.05)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
+        await run_to_completion(_reap(proc))
+
+
+async def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the guard to exit (2 s, polling), then SIGKILL it and wait for that."""
+    deadline = time.monotonic() + 2.0
+    pause = 0.001
+    while proc.poll() is None and time.monotonic() < deadline:
+        await anyio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 

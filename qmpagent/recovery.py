@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 
+from ._shield import run_to_completion
 from .agent import AgentAddress, FreezeStatus, GuestAgent, check_address
 from .errors import AgentError, JournalError, MonitorCommandError, MonitorError
 from .journal import Entry, Journal, VMIdentity, identify_vm
@@ -267,8 +268,7 @@ async def settle_journal(
                 continue
             await _settle_entry(mon, handle, journal, item, report, timeout, may_thaw)
     finally:
-        with anyio.CancelScope(shield=True):
-            await handle.close()
+        await run_to_completion(handle.close())
     return report
 
 

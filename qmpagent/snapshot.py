@@ -369,8 +369,8 @@ class SnapshotOrchestrator:
         self,
         disks: Mapping[str, str | os.PathLike[str]],
         quiesce: Quiesce | str = Quiesce.REQUIRED,
-        freeze_timeout: float = 10.0,
         *,
+        freeze_timeout: float = 10.0,
         on_phase: PhaseCallback | None = None,
         mountpoints: Sequence[str] | None = None,
     ) -> SnapshotResult:
@@ -517,9 +517,9 @@ class SnapshotOrchestrator:
         targets: Mapping[str, str | os.PathLike[str]],
         since: Mapping[str, str | os.PathLike[str]] | None = None,
         quiesce: Quiesce | str = Quiesce.REQUIRED,
+        *,
         freeze_timeout: float = 10.0,
         bitmap: str | None = "qmpagent",
-        *,
         on_phase: PhaseCallback | None = None,
         on_progress: BackupProgressCallback | None = None,
         progress_interval: float = 1.0,
@@ -939,7 +939,7 @@ class _Operation:
             return
         guard = FreezeGuard()
         try:
-            guard.start(fd, self.entry.op, self.orch.journal.directory, self.t.thaw)
+            guard.start(fd, self.entry.op, self.orch.journal.directory, thaw_timeout=self.t.thaw)
         except OSError as exc:
             self._guard_warning(f"the freeze guard could not be started: {exc}")
             return
@@ -954,7 +954,7 @@ class _Operation:
 
     async def _guard_ready(self) -> None:
         guard = self.guard
-        if guard is not None and not guard.ready and not await guard.wait_ready(10.0):
+        if guard is not None and not guard.ready and not await guard.wait_ready(timeout=10.0):
             self._guard_warning(guard.lost or "the freeze guard did not start")
             self.guard = None
             await guard.close()
@@ -1027,7 +1027,7 @@ class _Operation:
         guard = self.guard
         assert guard is not None
         st = self.state
-        res = await guard.wait_result(max(0.0, deadline - time.monotonic()))
+        res = await guard.wait_result(timeout=max(0.0, deadline - time.monotonic()))
         why = f"the freeze guard took over ({guard.took_over})"
         if res is None or res.result == "failed":
             self.agent_error = AgentError(f"{why} and could not thaw: {res.detail if res else 'no report'}")

@@ -242,9 +242,9 @@ async def test_guard_thaws_a_stuck_orchestrator_and_reports(fake_vm: FakeVM, tmp
         fd = ga.socket_fileno()
         assert fd is not None
         guard = FreezeGuard()
-        guard.start(fd, "a" * 16, tmp_path, 5.0)
+        guard.start(fd, "a" * 16, tmp_path, thaw_timeout=5.0)
         try:
-            assert await guard.wait_ready(30)
+            assert await guard.wait_ready(timeout=30)
             deadline = time.monotonic() + 0.3
             assert guard.arm(deadline)
             assert await ga.fsfreeze_freeze() > 0
@@ -256,7 +256,7 @@ async def test_guard_thaws_a_stuck_orchestrator_and_reports(fake_vm: FakeVM, tmp
             assert time.monotonic() - deadline < GRACE + 1.0
             with guard.turn() as mine:
                 assert not mine  # the guard has the agent now
-            res = await guard.wait_result(10)
+            res = await guard.wait_result(timeout=10)
             assert res is not None and res.result == "thawed" and res.thawed > 0
             rec = Journal(tmp_path).guard_record("a" * 16)
             assert rec is not None and rec.result == "thawed" and rec.reason == "deadline"
@@ -274,8 +274,8 @@ async def test_guard_disarmed_then_done_does_nothing(fake_vm: FakeVM, tmp_path: 
         guard = FreezeGuard()
         fd = ga.socket_fileno()
         assert fd is not None
-        guard.start(fd, "b" * 16, tmp_path, 5.0)
-        assert await guard.wait_ready(30)
+        guard.start(fd, "b" * 16, tmp_path, thaw_timeout=5.0)
+        assert await guard.wait_ready(timeout=30)
         guard.arm(time.monotonic() + 0.1)
         await ga.fsfreeze_freeze()
         with guard.turn() as mine:

@@ -48,6 +48,7 @@ class SnapshotOptions(CommonOptions):
     connect_timeout: float
     agent_chardev: str | None
     mountpoint: list[str] | None
+    journal: str | None
 
     def usage_problem(self) -> str | None:
         """``--qmp`` is required; no disk may be named twice."""
@@ -78,6 +79,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "guest does not have is refused before anything is frozen")
     p.add_argument("--agent-chardev", metavar="ID",
                    help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
+    p.add_argument("--journal", metavar="DIR",
+                   help="the crash-safety journal's directory (default $XDG_STATE_HOME/qmpagent); "
+                   f"`{PROG} recover` reads it")
 
 
 def _summary(result: SnapshotResult) -> str:
@@ -131,6 +135,7 @@ async def _run(opts: SnapshotOptions) -> int:
             command_timeout=opts.command_timeout,
             job_timeout=opts.job_timeout,
             agent_chardev=opts.agent_chardev,
+            journal_dir=opts.journal,
         )
         result = await orch.snapshot(
             disks,

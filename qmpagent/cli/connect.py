@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Protocol, TypeVar
 
-import anyio
+from .._shield import run_to_completion
 
 __all__ = ["closing"]
 
@@ -25,5 +25,4 @@ async def closing(resource: _C) -> AsyncIterator[_C]:
     try:
         yield resource
     finally:
-        with anyio.CancelScope(shield=True):
-            await resource.close()
+        await run_to_completion(resource.close())

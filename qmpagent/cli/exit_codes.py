@@ -31,7 +31,8 @@ class ExitCode(enum.IntEnum):
     #: ``snapshot``: no snapshot was taken, or it could not be quiesced under
     #: ``--quiesce required`` (the error says whether the VM runs on the overlays).
     SNAPSHOT_FAILED = 7
-    #: ``snapshot``: our freeze could not be thawed. THE GUEST MAY STILL BE FROZEN.
+    #: ``snapshot``: our freeze could not be thawed; ``recover``: a freeze of ours may still be
+    #: in place. THE GUEST MAY STILL BE FROZEN.
     THAW_FAILED = 8
     #: ``commit``: the commit did not finish (the error says where the VM runs: on its active
     #: layer, or on the base with merged nodes left); run it again to finish.

@@ -21,6 +21,7 @@ from .cmd_backup import BACKUP
 from .cmd_guest import BUILD_GUEST, DEMO
 from .cmd_lifecycle import CHAIN, COMMIT
 from .cmd_qmp import QMP
+from .cmd_recover import RECOVER
 from .cmd_snapshot import SNAPSHOT
 from .command import ADDRESS_HELP, Command, CommonOptions, Formatter, Group, add_common_options
 from .exit_codes import ExitCode, exit_code_help
@@ -31,7 +32,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommands, in the order ``qmpagent --help`` lists them. A new command is one more entry.
 COMMANDS: Final[tuple[Command[Any] | Group, ...]] = (
-    AGENT, QMP, SNAPSHOT, BACKUP, CHAIN, COMMIT, DEMO, BUILD_GUEST,
+    AGENT, QMP, SNAPSHOT, BACKUP, CHAIN, COMMIT, RECOVER, DEMO, BUILD_GUEST,
 )
 
 

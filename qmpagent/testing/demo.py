@@ -93,7 +93,7 @@ async def _qemu_img_info(path: str) -> str:
     return out.decode(errors="replace")
 
 
-async def run_demo(quiesce: str = "required", freeze_timeout: float = 10.0) -> DemoReport:
+async def run_demo(quiesce: str = "required", *, freeze_timeout: float = 10.0) -> DemoReport:
     """Boot the demo guest (writer on), take a snapshot of its data disk, check the result.
 
     Raises:
