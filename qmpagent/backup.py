@@ -32,6 +32,7 @@ its own transaction added; the guest is thawed on every path (or :class:`~qmpage
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -47,19 +48,24 @@ from .backup_chain import (
     bitmap_info,
     check_bitmap_name,
     check_since,
+    clear_pending,
     default_state_dir,
+    mark_pending,
     write_record,
 )
 from .block_jobs import JobProgress
 from .errors import (
     BackupError,
+    JobError,
+    MonitorCommandError,
     MonitorError,
     MonitorTimeout,
     QMPAgentError,
     UsageError,
 )
-from .jobs import abandon_job, query_job
-from .monitor import BlockNode
+from .jobs import query_job
+from .journal import Entry
+from .monitor import BlockNode, Monitor
 from .snapshot import (
     PhaseCallback,
     Quiesce,
@@ -75,9 +81,9 @@ from .snapshot import (
     _seconds,
     _Timeouts,
 )
-from .snapshot_state import Phase, TransactionState
+from .snapshot_state import FreezeState, Phase, TransactionState
 
-__all__ = ["BackupProgressCallback", "BackupResult"]
+__all__ = ["BackupProgressCallback", "BackupResult", "end_backup_job", "settle_backup_entry"]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,10 @@ class _Target(_Overlay):
     advanced_at: float = 0.0  # when its progress last moved
     copied: int | None = None  # its final progress, once concluded
     detached: bool = False  # its nodes were detached after success
+    # How its job ended: True completed (the bitmap was reset), False failed or cancelled
+    # (the bitmap got its bits back), None not known (or never started).
+    job_ok: bool | None = None
+    pending: bool = False  # its chain record is marked pending (by us)
 
 
 class BackupOperation(_Operation):
@@ -161,6 +171,7 @@ class BackupOperation(_Operation):
         self.copy_timeout = copy_timeout
         self.targets: list[_Target] = []
         self.stage = "window"
+        self.succeeded = False
 
     async def run_backup(self, targets: dict[str, str]) -> BackupResult:
         """Run the backup (see :meth:`SnapshotOrchestrator.backup`)."""
@@ -205,7 +216,50 @@ class BackupOperation(_Operation):
             t.use_bitmap = True  # full, and the bitmap restarts with it (on success)
         return t
 
-    # --- prepare (hook) ---------------------------------------------------------------------
+    # --- journal (hooks) --------------------------------------------------------------------
+
+    def _describe(self, entry: Entry) -> None:
+        # What recover needs to settle a backup whose process died: its jobs, its targets
+        # (the overlays of the entry), the chain records it marked pending.
+        entry.kind = "backup"
+        entry.backup = {
+            "bitmap": self.bitmap,
+            "state_dir": self.state_dir,
+            "targets": [{"node": t.node, "disk_file": t.base.filename, "job": t.job_id}
+                        for t in self.targets],
+        }
+
+    def _leaves_something(self) -> bool:
+        st, rec = self.state, self.record
+        if st.must_settle or st.freeze is FreezeState.THAW_FAILED:
+            return True
+        if st.transaction in (TransactionState.SENT, TransactionState.UNKNOWN):
+            return True
+        if self.succeeded:
+            return False
+        if set(rec.overlays_added) - set(rec.overlays_removed):
+            return True
+        if set(rec.files_created) - set(rec.files_removed):
+            return True
+        return any(t.step > 0 and t.path not in rec.files_removed and os.path.lexists(t.path)
+                   for t in self.targets)
+
+    # --- prepare (hooks) --------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        # Durably, before anything is made: a backup with the bitmap is under way, so no
+        # incremental is taken since the last one until this one is settled.
+        if self.bitmap is not None:
+            for t in self.targets:
+                assert t.base.virtual_size is not None
+                try:
+                    mark_pending(self.state_dir, t.base.filename, self.bitmap, t.path,
+                                 t.base.virtual_size)
+                except OSError as exc:
+                    raise self._fail(f"cannot write the backup record in {self.state_dir}: {exc}",
+                                     exc) from exc
+                t.pending = True
+        await super()._prepare()
 
     def _image_options(self, ov: _Overlay) -> dict[str, Any]:
         assert isinstance(ov, _Target)
@@ -245,8 +299,10 @@ class BackupOperation(_Operation):
     # --- the copy (hook) --------------------------------------------------------------------
 
     async def _after_window(self) -> None:
-        # The agent is not needed any more: a connection of ours is closed now, not after
-        # the copy (the agent serves one client at a time).
+        # The agent is not needed any more: the freeze guard (it holds a duplicate of the
+        # agent connection) and a connection of ours are closed now, not after the copy (the
+        # agent serves one client at a time).
+        await self._stop_guard()
         await self._close_agents()
         self.own_agent = False
         self.stage = "copy"
@@ -260,6 +316,7 @@ class BackupOperation(_Operation):
             except TimeoutError as exc:
                 raise self._fail(f"the copy timed out: {exc}", exc) from exc
         self._record_chains()
+        self.succeeded = True
 
     async def _copy(self, t: _Target) -> None:
         started = time.monotonic()
@@ -279,28 +336,46 @@ class BackupOperation(_Operation):
 
         async with self.mon.attach_job(t.job_id, on_progress=progress,
                                        progress_interval=self.progress_interval) as job:
-            while True:
-                now = time.monotonic()
-                if until is not None and now >= until:
-                    raise MonitorTimeout(
-                        f"the backup of {t.key!r} did not complete within {self.copy_timeout:g}s "
-                        f"({self._done(t)}); it was cancelled"
-                    )
-                if now - t.advanced_at > stall:
-                    raise MonitorTimeout(
-                        f"the backup of {t.key!r} made no progress for {stall:g}s (job_timeout; "
-                        f"{self._done(t)}); it was cancelled"
-                    )
-                chunk = min(_STALL_CHECK, stall)
-                if until is not None:
-                    chunk = min(chunk, max(0.001, until - now))
-                try:
-                    final = await job.wait_concluded(timeout=chunk)
-                    break
-                except MonitorTimeout:
-                    continue
+            try:
+                final = await self._wait(t, job, started, until, stall)
+            except JobError:
+                t.job_ok = False  # it concluded with an error (dismissed): the bits are back
+                raise
+            except BaseException:
+                # Cancelled (or timed out) here: end the job ourselves, to learn how it ended.
+                await run_to_completion(self._end(t))
+                raise
+        t.job_ok = True
         t.progress = final
         t.copied = final.current
+
+    async def _end(self, t: _Target) -> None:
+        t.job_ok = await end_backup_job(self.mon, t.job_id, timeout=self.t.command)
+
+    async def _wait(self, t: _Target, job: Any, started: float, until: float | None,
+                    stall: float) -> JobProgress:
+        """Wait for the job with progress, bounded by ``until`` and by ``stall`` seconds
+        without progress."""
+        while True:
+            now = time.monotonic()
+            if until is not None and now >= until:
+                raise MonitorTimeout(
+                    f"the backup of {t.key!r} did not complete within {self.copy_timeout:g}s "
+                    f"({self._done(t)}); it was cancelled"
+                )
+            if now - t.advanced_at > stall:
+                raise MonitorTimeout(
+                    f"the backup of {t.key!r} made no progress for {stall:g}s (job_timeout; "
+                    f"{self._done(t)}); it was cancelled"
+                )
+            chunk = min(_STALL_CHECK, stall)
+            if until is not None:
+                chunk = min(chunk, max(0.001, until - now))
+            try:
+                progress: JobProgress = await job.wait_concluded(timeout=chunk)
+                return progress
+            except MonitorTimeout:
+                continue
 
     @staticmethod
     def _done(t: _Target) -> str:
@@ -359,11 +434,13 @@ class BackupOperation(_Operation):
             with anyio.move_on_after(limit * 4):
                 if st.transaction is not TransactionState.NOT_SENT:
                     for t in self.targets:
-                        # A job of ours that still exists: cancelled (on-success: its bitmap
-                        # gets the writes it saw back) and dismissed.
-                        await run_to_completion(abandon_job(self.mon, t.job_id, limit=limit))
+                        if t.job_ok is None:
+                            # A job of ours that still exists: cancelled (on-success: its
+                            # bitmap gets the writes it saw back) and dismissed.
+                            await self._end(t)
                 if st.snapshot_taken:
                     await self._remove_added_bitmaps()
+                self._clear_pending()
                 try:
                     existing: set[str] | None = set(await self._block_nodes())
                 except MonitorError as exc:
@@ -374,6 +451,29 @@ class BackupOperation(_Operation):
                         await self._remove_overlay(t, existing)
                     else:
                         self._unlink_detached(t)
+
+    def _clear_pending(self) -> None:
+        """After a failure: a target whose job did not complete (or never started) lost no
+        bit of the bitmap, so the last completed backup is the ``since`` again. One whose
+        job completed (the bitmap was reset) or may have stays pending: the next incremental
+        is refused, a full backup restarts the chain."""
+        started = self.state.transaction not in (TransactionState.NOT_SENT,
+                                                  TransactionState.NOT_APPLIED)
+        for t in self.targets:
+            if not t.pending or self.bitmap is None:
+                continue
+            if started and t.job_ok is not False:
+                self.warnings.append(
+                    f"the backup job of {t.key!r} {'completed' if t.job_ok else 'may have completed'} "
+                    "(resetting the bitmap) before the backup failed: the next backup of it must be full"
+                )
+                log.warning("%s", self.warnings[-1])
+                continue
+            try:
+                clear_pending(self.state_dir, t.base.filename, self.bitmap, t.path)
+                t.pending = False
+            except OSError as exc:
+                log.warning("cleanup: cannot clear the backup record of %s: %s", t.key, exc)
 
     def _unlink_detached(self, t: _Target) -> None:
         try:
@@ -399,12 +499,11 @@ class BackupOperation(_Operation):
 
     def _result(self) -> BackupResult:
         base = super()._result()
+        # Every field of the snapshot's result (guarded, warnings, ...), but no overlays.
+        common = {f.name: getattr(base, f.name) for f in dataclasses.fields(SnapshotResult)}
+        common.update(overlays={}, files={})
         return BackupResult(
-            quiesced=base.quiesced, freeze_owner=base.freeze_owner, frozen=base.frozen,
-            thawed=base.thawed, freeze_window=base.freeze_window, overlays={}, reason=base.reason,
-            files={}, timings=base.timings, freeze_resolved=base.freeze_resolved,
-            warnings=base.warnings, freeze_state=base.freeze_state,
-            transaction_state=base.transaction_state,
+            **common,
             targets={t.key: t.path for t in self.targets},
             bytes_copied={t.key: t.copied or 0 for t in self.targets},
             incremental={t.key: t.since is not None for t in self.targets},
@@ -412,6 +511,70 @@ class BackupOperation(_Operation):
             bitmap=self.bitmap,
             nodes={t.key: t.node for t in self.targets},
         )
+
+
+async def end_backup_job(mon: Monitor, job_id: str, *, timeout: float) -> bool | None:
+    """End a backup job of ours (cancel it unless it concluded), learn how it ended, dismiss
+    it; within ``timeout`` seconds. Never raises a MonitorError (what went wrong is logged).
+
+    Returns:
+        True: it completed (its bitmap, if any, was reset); False: it failed or was cancelled
+        (QEMU merged the bitmap's new writes back: nothing lost); None: there is no such job
+        (any more), or its end could not be learnt.
+    """
+    try:
+        with anyio.fail_after(timeout):
+            info = await query_job(mon, job_id)
+            if info is None:
+                return None
+            if info.get("status") not in ("concluded", "null"):
+                log.info("cancelling backup job %s (status %s)", job_id, info.get("status"))
+                try:
+                    await mon.execute("job-cancel", {"id": job_id}, timeout=None)
+                except MonitorCommandError as exc:  # it concluded meanwhile?
+                    log.debug("job-cancel %s: %s", job_id, exc)
+                while info is not None and info.get("status") != "concluded":
+                    await anyio.sleep(0.02)
+                    info = await query_job(mon, job_id)
+                if info is None:
+                    return None
+            ok = not info.get("error")
+            await mon.execute("job-dismiss", {"id": job_id}, timeout=None)
+            return ok
+    except (MonitorError, TimeoutError) as exc:
+        log.warning("could not end backup job %s: %r", job_id, exc)
+        return None
+
+
+async def settle_backup_entry(mon: Monitor, entry: Entry, *, timeout: float) -> list[str]:
+    """Recovery's part for a dead backup (journal ``kind`` ``"backup"``), after its freeze was
+    settled: its copy jobs ended (cancelled: their bitmaps keep every bit) and dismissed, and
+    the chain records it marked pending cleared where its job did not complete. (Its target
+    nodes and files are then removed like a snapshot's overlays that were not applied: a
+    backup's targets are never the VM's.)
+
+    Returns:
+        What could not be settled, one sentence each.
+    """
+    info = entry.backup or {}
+    bitmap, state_dir = info.get("bitmap"), info.get("state_dir")
+    started = entry.transaction not in ("not-sent", "not-applied")
+    unresolved: list[str] = []
+    for rec, target in zip(info.get("targets", []), entry.overlays, strict=False):
+        ok = await end_backup_job(mon, rec["job"], timeout=timeout)
+        if bitmap is None or not isinstance(state_dir, str):
+            continue
+        if started and ok is not False:
+            log.warning("recover: the backup into %s %s; its chain record stays pending (the "
+                        "next backup of that disk must be full)", target.path,
+                        "completed" if ok else "may have completed")
+            continue
+        try:
+            clear_pending(state_dir, rec["disk_file"], bitmap, target.path)
+        except OSError as exc:
+            unresolved.append(f"operation {entry.op}: cannot clear the backup record in "
+                              f"{state_dir}: {exc}")
+    return unresolved
 
 
 def backup_operation(

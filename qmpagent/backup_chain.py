@@ -7,11 +7,13 @@ backup. QEMU cannot tell (a bitmap records no file name), so qmpagent keeps, per
 bitmap, a small record of the last completed backup (its path and its device and inode) in its
 state directory, and refuses a ``since`` that is not that file (:class:`~qmpagent.BackupChainError`).
 
-The record is written only after a backup completed (the bitmap was reset by then: QEMU's
-``on-success`` mode), atomically (a temporary file renamed over the old one, then the directory
-synced), so a crash leaves the old record, which still matches the old bitmap... except in the
-moment between the job's success and the rename; then the next incremental is refused and a
-full backup starts a new chain (never a wrong one).
+Before a backup that uses the bitmap starts, the record is marked *pending* (durably: a
+temporary file renamed over the old one, then the directory synced); the new backup replaces
+it once it completed (the bitmap was reset by then: QEMU's ``on-success`` mode); a backup that
+failed or was cancelled (its bitmap merged back, nothing lost) clears the mark. A process that
+dies in between leaves the mark: the next incremental is refused until ``recover`` settled the
+dead backup (it clears the mark if the job did not complete) or a full backup starts a new
+chain. Never a wrong incremental.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from typing import Any, Final
 from .errors import BackupChainError, UsageError
 
 __all__ = [
-    "ChainRecord", "bitmap_info", "check_bitmap_name", "check_since", "default_state_dir",
-    "qcow2_virtual_size", "read_record", "write_record",
+    "ChainRecord", "bitmap_info", "check_bitmap_name", "check_since", "clear_pending",
+    "default_state_dir", "mark_pending", "qcow2_virtual_size", "read_record", "write_record",
 ]
 
 _QCOW2_MAGIC: Final = b"QFI\xfb"
@@ -55,6 +57,10 @@ class ChainRecord:
         dev: its ``st_dev``.
         ino: its ``st_ino``.
         virtual_size: the disk's virtual size when it was made.
+        pending: the target of a backup with this bitmap that started and has not finished
+            (None: none). While it is set, no incremental is allowed: had that backup's job
+            completed (the bitmap reset) without the record following, an incremental since
+            ``target`` would miss changes.
     """
 
     disk_file: str
@@ -63,6 +69,7 @@ class ChainRecord:
     dev: int
     ino: int
     virtual_size: int
+    pending: str | None = None
 
 
 def _record_path(state_dir: str, disk_file: str, bitmap: str) -> str:
@@ -81,6 +88,7 @@ def read_record(state_dir: str, disk_file: str, bitmap: str) -> ChainRecord | No
         rec = ChainRecord(
             disk_file=raw["disk_file"], bitmap=raw["bitmap"], target=raw["target"],
             dev=raw["dev"], ino=raw["ino"], virtual_size=raw["virtual_size"],
+            pending=raw.get("pending"),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -88,7 +96,39 @@ def read_record(state_dir: str, disk_file: str, bitmap: str) -> ChainRecord | No
         return None  # a hash collision, or a foreign file
     numbers = (rec.dev, rec.ino, rec.virtual_size)
     fields_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in numbers)
-    return rec if fields_ok and isinstance(rec.target, str) else None
+    texts_ok = isinstance(rec.target, str) and isinstance(rec.pending, (str, type(None)))
+    return rec if fields_ok and texts_ok else None
+
+
+def mark_pending(state_dir: str, disk_file: str, bitmap: str, target: str, virtual_size: int) -> None:
+    """Record, durably and before the backup starts, that a backup into ``target`` is under
+    way: no incremental is allowed until it completed (:func:`write_record`) or was undone
+    with its bitmap intact (:func:`clear_pending`).
+
+    Raises:
+        OSError: it could not be written.
+    """
+    rec = read_record(state_dir, disk_file, bitmap)
+    if rec is None:
+        rec = ChainRecord(disk_file, bitmap, "", 0, 0, virtual_size)
+    write_record(state_dir, dataclasses.replace(rec, pending=target))
+
+
+def clear_pending(state_dir: str, disk_file: str, bitmap: str, target: str) -> None:
+    """The backup into ``target`` did not complete and its bitmap lost nothing (QEMU merged
+    the writes back): the record of the last completed backup holds again.
+
+    Raises:
+        OSError: it could not be written.
+    """
+    rec = read_record(state_dir, disk_file, bitmap)
+    if rec is None or rec.pending != target:
+        return
+    if not rec.target:  # no completed backup before this one
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_record_path(state_dir, disk_file, bitmap))
+        return
+    write_record(state_dir, dataclasses.replace(rec, pending=None))
 
 
 def write_record(state_dir: str, record: ChainRecord) -> None:
@@ -182,7 +222,12 @@ def check_since(
     if bm.get("recording") is False:
         raise refuse(f"the dirty bitmap {bitmap!r} is disabled (it has not recorded every write)")
     rec = read_record(state_dir, disk_file, bitmap)
-    if rec is None:
+    if rec is not None and rec.pending is not None:
+        raise refuse(
+            f"a backup with the bitmap {bitmap!r} into {rec.pending} did not finish (its process "
+            "died?), so the bitmap may have been reset after it: run qmpagent recover"
+        )
+    if rec is None or not rec.target:
         raise refuse(
             f"no record of a backup made with the bitmap {bitmap!r} in {state_dir} (made by another "
             "tool, or the state directory was lost)"

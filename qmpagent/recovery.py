@@ -290,6 +290,11 @@ async def _settle_entry(mon: Monitor, handle: _AgentHandle, journal: Journal, en
             await _settle_freeze(handle, journal, entry, report, timeout, may_thaw)
             if len(report.unresolved) > before:
                 return  # the freeze first: nothing else of this entry is touched meanwhile
+            if entry.kind == "backup":
+                # Its copy jobs first (they hold the targets open): qmpagent.backup.
+                from .backup import settle_backup_entry
+
+                report.unresolved.extend(await settle_backup_entry(mon, entry, timeout=timeout))
             await _settle_jobs(mon, entry, report, timeout)
             await _settle_nodes(mon, entry, report, timeout)
     except MonitorError as exc:

@@ -860,7 +860,12 @@ class _Operation:
             owner_start=process_start_time(me),
             overlays=[OverlayRecord(o.node, o.node_name, o.file_node_name, o.path) for o in self.overlays],
         )
+        self._describe(self.entry)
         self._journal_write("prepare")
+
+    def _describe(self, entry: Entry) -> None:
+        """Hook (:mod:`qmpagent.backup` overrides it): what else the journal entry must say,
+        before its first write."""
 
     def _journal_write(self, step: str, *, required: bool = True) -> None:
         """Write the entry durably, announcing ``step`` (before it is taken). A failure is a
@@ -901,18 +906,7 @@ class _Operation:
     async def _finish_journal(self) -> None:
         """At the very end: stop the guard; remove the journal entry, or (something is left)
         hand it over to recovery (owner 0: nobody runs it any more)."""
-        guard, self.guard = self.guard, None
-        if guard is not None:
-            if not self.state.must_settle:
-                guard.disarm()
-            await guard.close()
-            agent = self.agent
-            if agent is not None and agent.is_connected:
-                agent.hold_reading(False)
-                if guard.took_over is not None:
-                    # The guard spoke on this connection: resync before it is used again.
-                    with contextlib.suppress(AgentError):
-                        await agent.sync(timeout=self.t.agent)
+        await self._stop_guard()
         entry = self.entry
         if entry is None:
             return
@@ -927,6 +921,22 @@ class _Operation:
         except JournalError as exc:
             self.warnings.append(f"journal: {exc}")
             log.warning("journal: %s", exc)
+
+    async def _stop_guard(self) -> None:
+        """Stop the freeze guard (if started; idempotent), disarmed first unless a freeze of
+        ours may still be in place."""
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            if not self.state.must_settle:
+                guard.disarm()
+            await guard.close()
+            agent = self.agent
+            if agent is not None and agent.is_connected:
+                agent.hold_reading(False)
+                if guard.took_over is not None:
+                    # The guard spoke on this connection: resync before it is used again.
+                    with contextlib.suppress(AgentError):
+                        await agent.sync(timeout=self.t.agent)
 
     def _start_guard(self) -> None:
         """Start the freeze guard if a freeze will be attempted (outside the window)."""

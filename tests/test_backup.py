@@ -4,6 +4,7 @@ snapshots, failure and cancellation leave nothing behind and lose no dirty bits,
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ async def test_full_backup_inside_one_transaction_under_the_freeze(state: Path) 
         assert isinstance(res, BackupResult)
         assert res.quiesced and res.freeze_owner == "self" and res.reason is None
         assert res.frozen == res.thawed == 2
+        assert res.guarded  # the freeze guard stood by, as for a snapshot
+        assert not list(Path(os.environ["XDG_STATE_HOME"], "qmpagent").glob("op-*.json"))
         assert res.freeze_window is not None and res.freeze_window < 1
         assert res.targets == targets(vm, "full")
         assert res.incremental == {"vblk0": False, "vblk1": False}
@@ -354,3 +357,93 @@ async def test_speed_limits_the_copy(state: Path) -> None:
         assert backup_transaction(vm)[1]["data"]["speed"] == 256 * MIB  # type: ignore[index]
         with pytest.raises(UsageError, match="speed"):
             await orch.backup(targets(vm, "c"), state_dir=state, speed=0)
+
+
+_DRIVER = """
+import asyncio, sys
+from qmpagent import Monitor, SnapshotOrchestrator
+
+async def main(qmp, agent, target, since, state, journal):
+    async with await Monitor.connect(qmp) as mon:
+        orch = SnapshotOrchestrator(mon, agent=agent, journal_dir=journal)
+        await orch.backup({"vblk0": target}, since={"vblk0": since}, state_dir=state)
+        print("done", flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_recover_settles_a_backup_whose_process_died(state: Path, tmp_path: Path) -> None:
+    """A backup process SIGKILLed during its copy: recover cancels and dismisses its job
+    (the bitmap keeps every bit), removes its target node and file, clears its pending mark;
+    the next incremental since the last completed backup is whole."""
+    import subprocess
+    import sys
+
+    from qmpagent import recover
+
+    journal = tmp_path / "journal"
+    async with FakeVM() as vm:
+        async with await Monitor.connect(vm.qmp_address) as mon:
+            full = await SnapshotOrchestrator(mon, agent=vm.agent_address, journal_dir=journal).backup(
+                targets(vm, "full"), state_dir=state)
+        vm.qmp.backups.guest_write("disk0", 0, 3 * 65536)
+        vm.qmp.backups.rate = 1024.0  # the copy takes minutes
+        target = str(vm.workdir / "inc.qcow2")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _DRIVER, str(vm.qmp_address), str(vm.agent_address), target,
+            full.targets["vblk0"], str(state), str(journal), stdout=subprocess.PIPE)
+        try:
+            for _ in range(1000):
+                if any(isinstance(j, FakeBackupJob) and j.current > 0 for j in vm.qmp.jobs.values()):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the copy did not start")
+        finally:
+            proc.kill()
+            await proc.wait()
+        bm = vm.qmp.backups.bitmap("disk0", "qmpagent")
+        assert bm is not None and bm.busy  # the job still runs in QEMU
+        assert Path(target).exists()
+        async with await Monitor.connect(vm.qmp_address) as mon:
+            orch = SnapshotOrchestrator(mon, agent=vm.agent_address, journal_dir=journal)
+            # Until it is settled, no incremental since the last completed backup.
+            with pytest.raises(BackupChainError, match="in use by another operation"):
+                await orch.backup({"vblk0": str(vm.workdir / "x.qcow2")}, since=full.targets,
+                                  state_dir=state)
+            report = await recover(mon, agent=vm.agent_address, journal_dir=journal)
+            assert report.clean, report.render()
+            assert not Path(target).exists() and target in report.removed_files
+            assert vm.qmp.calls("job-cancel") and not vm.qmp.jobs
+            assert vm.new_nodes() == set()
+            bm = vm.qmp.backups.bitmap("disk0", "qmpagent")
+            assert bm is not None and not bm.busy and bm.dirty == {0, 1, 2}
+            vm.qmp.backups.rate = float(1 << 30)
+            inc = await orch.backup({"vblk0": target}, since=full.targets, state_dir=state)
+            assert inc.bytes_copied == {"vblk0": 3 * 65536}
+
+
+async def test_a_pending_record_refuses_incrementals(state: Path) -> None:
+    """A backup that started and whose end is not known (its process died after the job
+    completed) leaves its record pending: no incremental since the older backup."""
+    from qmpagent.backup_chain import mark_pending, read_record
+
+    async with FakeVM() as vm, await Monitor.connect(vm.qmp_address) as mon:
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        full = await orch.backup(targets(vm, "full"), state_dir=state)
+        disk_file = str(vm.disks[0].path)
+        mark_pending(str(state), disk_file, "qmpagent", "/elsewhere/dead.qcow2", 64 * MIB)
+        with pytest.raises(BackupChainError, match=r"into /elsewhere/dead\.qcow2 did not finish"):
+            await orch.backup(targets(vm, "inc"), since=full.targets, state_dir=state)
+        # A full backup starts a new chain (and clears the mark).
+        again = await orch.backup(targets(vm, "full2"), state_dir=state)
+        rec = read_record(str(state), disk_file, "qmpagent")
+        assert rec is not None and rec.pending is None and rec.target == again.targets["vblk0"]
+        # A failed backup clears its own mark: the chain goes on from the last completed one.
+        vm.qmp.backups.fail_next()
+        with pytest.raises(BackupError):
+            await orch.backup(targets(vm, "inc"), since=again.targets, state_dir=state)
+        rec = read_record(str(state), disk_file, "qmpagent")
+        assert rec is not None and rec.pending is None and rec.target == again.targets["vblk0"]
+        await orch.backup(targets(vm, "inc"), since=again.targets, state_dir=state)
