@@ -422,6 +422,7 @@ class BlockJob:
     def _ended_error(self, info: Mapping[str, Any] | None, when: str) -> JobError:
         command = self.command or "job"
         error = info.get("error") if info is not None else None
-        if error:
+        # QEMU reports a cancelled job as concluded with the error "Operation canceled".
+        if error and "cancel" not in str(error).lower():
             return JobError(command, self.job_id, f"the job failed {when}: {error}")
         return JobError(command, self.job_id, f"the job was cancelled {when} (by someone else?)")

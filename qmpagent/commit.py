@@ -264,7 +264,10 @@ class _Commit:
                     raise self.fail(f"QEMU refused the commit: {exc}", exc) from exc
                 raise
             result = await self.finish(device)
-        except BaseException:
+        except BaseException as exc:
+            if (isinstance(exc, MonitorError) and rec.stage in ("pivot", "verify")
+                    and rec.pivoted is not True):
+                rec.pivoted = None  # QEMU stopped answering once the completion was sent
             # Keep the entry only if something is left for recover (nodes, or a pivot whose
             # outcome is unknown); otherwise the VM runs where it ran, and nothing is left.
             self.journal_end(keep=bool(rec.left_nodes) or rec.pivoted is None)
@@ -307,8 +310,10 @@ class _Commit:
             log.warning("cannot remove the commit's journal entry: %s", exc)
 
     async def forget_settled(self, device: str) -> None:
-        """Remove the journal entries of dead commits of ``device`` that left nothing (their
-        job gone, none of their nodes attached): this call finished them."""
+        """Remove the journal entries of earlier commits of ``device`` that left nothing (their
+        job gone, none of their merged nodes attached): this call finished them. Whether their
+        process lives does not matter: a commit that still runs has its merged nodes attached
+        until its very end."""
         if self.journal is None:
             return
         try:
@@ -319,7 +324,7 @@ class _Commit:
             return
         for item in self.journal.scan():
             if (isinstance(item, Entry) and item.kind == "commit" and item.commit is not None
-                    and item.commit.get("device") == device and not item.owner_alive
+                    and item.commit.get("device") == device
                     and item.commit.get("job") not in jobs
                     and not any(o.node in nodes for o in item.overlays)):
                 with contextlib.suppress(JournalError):

@@ -77,3 +77,44 @@ async def test_commit_failures_and_their_exit_status(fake_vm: FakeVM) -> None:
 ])
 def test_new_errors_have_their_exit_status(exc: BaseException, code: Any) -> None:
     assert exit_code_for(exc) == code
+
+
+@pytest.mark.asyncio
+async def test_commit_progress_on_a_terminal(fake_vm: FakeVM) -> None:
+    import asyncio
+    import os
+    import sys
+
+    from cli_run import clean_env
+
+    run = await qmpagent("snapshot", "--qmp", fake_vm.qmp_address, "--agent",
+                         fake_vm.agent_address, "--disk", f"vblk0={fake_vm.workdir}/s.qcow2")
+    assert run.rc == 0, run
+    fake_vm.qmp.commit_rate = 4 << 20  # 8 MiB: about two seconds
+    master, slave = os.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qmpagent", "commit", "--qmp", str(fake_vm.qmp_address),
+            "--disk", "vblk0", stdout=asyncio.subprocess.PIPE, stderr=slave, env=clean_env())
+        os.close(slave)
+        slave = -1
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    err = b"".join(chunks).decode()
+    assert proc.returncode == 0, err
+    assert "commit of vblk0 into the image below its active layer..." in err
+    assert "qmpagent:   commit running " in err and " of 8.0 MiB)" in err
+    assert "qmpagent:   commit ready     100.0%" in err
+    assert out.decode().startswith("Committed vblk0: ")
