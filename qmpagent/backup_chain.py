@@ -40,10 +40,11 @@ _FORMAT: Final = 1
 
 
 def default_state_dir() -> str:
-    """``$XDG_STATE_HOME/qmpagent`` (else ``~/.local/state/qmpagent``): where qmpagent keeps
-    its state, the journal included. Raises nothing."""
+    """``$XDG_STATE_HOME/qmpagent-backups`` (else ``~/.local/state/qmpagent-backups``): where
+    the records of the last backups are kept, next to (never inside: its files are all
+    journal entries) the journal's ``qmpagent`` directory. Raises nothing."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "qmpagent")
+    return os.path.join(base, "qmpagent-backups")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ class ChainRecord:
 
 def _record_path(state_dir: str, disk_file: str, bitmap: str) -> str:
     key = hashlib.sha256(f"{disk_file}\0{bitmap}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
-    return os.path.join(state_dir, "backups", f"{key}.json")
+    return os.path.join(state_dir, f"chain-{key}.json")
 
 
 def read_record(state_dir: str, disk_file: str, bitmap: str) -> ChainRecord | None:

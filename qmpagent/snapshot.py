@@ -553,7 +553,7 @@ class SnapshotOrchestrator:
             timeout: the longest the copy may take (None: no limit, but a copy that makes no
                 progress for ``job_timeout`` seconds fails).
             state_dir: where the record of each disk's last backup is kept (default
-                ``$XDG_STATE_HOME/qmpagent``); an incremental is allowed only since that one.
+                ``$XDG_STATE_HOME/qmpagent-backups``); an incremental is allowed only since that one.
             speed: limit each copy job to this many bytes per second (``blockdev-backup``
                 ``speed``), e.g. to spare the guest's I/O; None: no limit.
 

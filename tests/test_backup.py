@@ -59,7 +59,7 @@ async def test_full_backup_inside_one_transaction_under_the_freeze(state: Path) 
         assert isinstance(res, BackupResult)
         assert res.quiesced and res.freeze_owner == "self" and res.reason is None
         assert res.frozen == res.thawed == 2
-        assert res.guarded  # the freeze guard stood by, as for a snapshot
+        assert res.guarded and res.warnings == ()  # the freeze guard stood by, as for a snapshot
         assert not list(Path(os.environ["XDG_STATE_HOME"], "qmpagent").glob("op-*.json"))
         assert res.freeze_window is not None and res.freeze_window < 1
         assert res.targets == targets(vm, "full")

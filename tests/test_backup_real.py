@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,21 +77,43 @@ async def leftovers(rig: Rig) -> tuple[set[str], list[Any]]:
     return ours, await rig.mon.execute("query-jobs")
 
 
-async def backup_while_writing(rig: Rig, name: str, **kwargs: Any) -> tuple[BackupResult, WriterLog, float]:
+@dataclass
+class Clock:
+    """The guest's uptime (the writer's clock) around the freeze."""
+
+    start: float  # before the backup started
+    freeze: float = 0.0  # right before the freeze request was sent
+    frozen: float = 0.0  # right after the freeze replied (the guest is frozen)
+
+
+async def backup_while_writing(rig: Rig, name: str, **kwargs: Any) -> tuple[BackupResult, WriterLog, Clock]:
     """A backup of disk0 while the writer runs: the result, the live log afterwards, and the
-    guest's uptime just before the backup started."""
-    g = rig.guest
-    before = await g.uptime()
-    await g.wait_writer_progress(before + 0.3)
-    res = await rig.orch.backup({"vblk0": target(rig, name)}, state_dir=rig.state, **kwargs)
+    guest's clock around the freeze (read through the rig's control channel, not the agent)."""
+    g, ga = rig.guest, rig.ga
+    clock = Clock(await g.uptime())
+    await g.wait_writer_progress(clock.start + 0.3)
+    freeze = ga.fsfreeze_freeze
+
+    async def clocked_freeze(*args: Any, **kw: Any) -> int:
+        clock.freeze = await g.uptime()
+        n = await freeze(*args, **kw)
+        clock.frozen = await g.uptime()
+        return n
+
+    setattr(ga, "fsfreeze_freeze", clocked_freeze)  # noqa: B010 - an instance attribute
+    try:
+        res = await rig.orch.backup({"vblk0": target(rig, name)}, state_dir=rig.state, **kwargs)
+    finally:
+        delattr(ga, "fsfreeze_freeze")
     after = await g.uptime()
     live = await g.wait_writer_progress(after + 0.3)
-    return res, live, before
+    return res, live, clock
 
 
-async def assert_point_in_time(rig: Rig, res: BackupResult, live: WriterLog, since: float) -> WriterLog:
-    """The writer's log inside the backup is the live log up to the freeze gap (at most one
-    record short) and nothing after it; the filesystem is clean."""
+async def assert_point_in_time(rig: Rig, res: BackupResult, live: WriterLog, clock: Clock) -> WriterLog:
+    """The writer's log inside the backup is the live log up to the freeze, continuous, at most
+    one record short of what was written before the freeze, and holds nothing written once
+    the guest was frozen; the filesystem is clean."""
     text, fsck = await read_backup_file(res.targets["vblk0"], "/writer.log",
                                         rig.guest.workdir / "check.raw",
                                         qemu_img=rig.guest.command("qemu-img"))
@@ -101,30 +122,30 @@ async def assert_point_in_time(rig: Rig, res: BackupResult, live: WriterLog, sin
     assert inside.entries, text[:200]
     seqs = [n for n, _ in inside.entries]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the backup's log has a hole"
-    # The freeze is the largest gap in the live log since the backup started.
-    entries = [e for e in live.entries if e[1] >= since]
-    gaps = [(b[1] - a[1], i) for i, (a, b) in enumerate(itertools.pairwise(entries))]
-    _, at = max(gaps)
-    last_before_freeze = entries[at][0]
-    assert inside.entries[-1][0] in (last_before_freeze, last_before_freeze - 1), (
-        inside.entries[-1], entries[at], entries[at + 1])
-    live_prefix = [e for e in live.entries if e[0] <= inside.entries[-1][0]]
-    assert list(inside.entries) == live_prefix[-len(inside.entries):]
+    last = inside.entries[-1]
+    by_seq = {n: (n, t) for n, t in live.entries}
+    assert all(by_seq.get(n) == (n, t) for n, t in inside.entries), "the backup is not the live log"
+    tick = 0.011  # /proc/uptime has 10 ms steps
+    # Nothing written once the guest was frozen.
+    assert last[1] <= clock.frozen + tick, (last, clock)
+    # Everything written before the freeze was requested, but at most one record.
+    before = [n for n, t in live.entries if t < clock.freeze - tick]
+    assert before and last[0] >= before[-1] - 1, (last, before[-1:], clock)
     return inside
 
 
 async def test_full_backup_while_the_guest_writes(rig: Rig) -> None:
-    res, live, since = await backup_while_writing(rig, "full", speed=16 * MIB)
+    res, live, clock = await backup_while_writing(rig, "full", speed=16 * MIB)
     assert res.quiesced and res.freeze_owner == "self" and res.frozen == res.thawed == 1
     assert res.freeze_window is not None and res.freeze_window < 2
     assert res.bytes_copied == {"vblk0": 64 * MIB} and res.incremental == {"vblk0": False}
     # The copy took much longer than the freeze, and the guest was frozen only for the window.
     assert res.timings.copy > 1.0 > res.freeze_window
-    assert live.largest_gap(after=since) <= res.timings.freeze + res.freeze_window + 1.0
+    assert live.largest_gap(after=clock.start) <= res.timings.freeze + res.freeze_window + 1.0
     report = await check_backup_chain(res.targets["vblk0"], expect_length=1,
                                       qemu_img=rig.guest.command("qemu-img"))
     assert report.ok, report.problems
-    await assert_point_in_time(rig, res, live, since)
+    await assert_point_in_time(rig, res, live, clock)
     assert await rig.ga.fsfreeze_status() is FreezeStatus.THAWED
     assert await leftovers(rig) == (set(), [])
     rig.backups["full"] = res
@@ -133,7 +154,7 @@ async def test_full_backup_while_the_guest_writes(rig: Rig) -> None:
 async def test_incremental_is_small_and_restores_the_new_contents(rig: Rig) -> None:
     full = rig.backups["full"]
     await rig.guest.run("yes qmpagent-incremental | head -c 1048576 > /mnt/data/inc.bin; sync", TIMEOUT)
-    res, live, since = await backup_while_writing(rig, "inc1", since=full.targets)
+    res, live, clock = await backup_while_writing(rig, "inc1", since=full.targets)
     assert res.quiesced and res.incremental == {"vblk0": True}
     assert res.since == full.targets
     # Only what changed: the 1 MiB file, the writer's appends, metadata; far less than the disk.
@@ -143,7 +164,7 @@ async def test_incremental_is_small_and_restores_the_new_contents(rig: Rig) -> N
                                       qemu_img=rig.guest.command("qemu-img"))
     assert report.ok, report.problems
     assert report.chain == (res.targets["vblk0"], full.targets["vblk0"])
-    inside = await assert_point_in_time(rig, res, live, since)
+    inside = await assert_point_in_time(rig, res, live, clock)
     text, _ = await read_backup_file(res.targets["vblk0"], "/inc.bin", rig.guest.workdir / "c.raw",
                                      fsck=False, qemu_img=rig.guest.command("qemu-img"))
     assert text == ("qmpagent-incremental\n" * 50000)[:1048576]

@@ -40,6 +40,10 @@ async def test_full_then_incremental(tmp_path: Path) -> None:
         assert res["quiesced"] and res["freeze_owner"] == "self"
         assert res["targets"] == {"vblk0": str(inc)} and res["incremental"] == {"vblk0": True}
         assert res["bytes_copied"] == {"vblk0": 65536} and res["since"] == {"vblk0": str(full)}
+        assert res["warnings"] == [] and res["guarded"] is True
+        # The chain records sit beside the journal's directory, never in it.
+        assert list((tmp_path / "qmpagent-backups").glob("chain-*.json"))
+        assert not (tmp_path / "qmpagent").exists() or not list((tmp_path / "qmpagent").iterdir())
         # The wrong since: refused, exit 2, the error's fields in --json.
         r = await qmpagent("--json", "backup", *addr, "--disk", f"vblk0={tmp_path / 'x.qcow2'}",
                            "--since", f"vblk0={full}", env=env(tmp_path))

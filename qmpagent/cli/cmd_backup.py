@@ -94,7 +94,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="track no changes (full backups only; e.g. a raw disk)")
     g.add_argument("--state-dir", metavar="DIR",
                    help="where the last backup of each disk is recorded (default "
-                   "$XDG_STATE_HOME/qmpagent)")
+                   "$XDG_STATE_HOME/qmpagent-backups)")
     t = p.add_argument_group("timeouts (seconds)")
     t.add_argument("--timeout", type=argtypes.seconds, default=None, metavar="SECONDS",
                    help="the longest the copy may take (default: none, but see --job-timeout)")
