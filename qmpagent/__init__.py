@@ -9,7 +9,8 @@
   backing chain (:meth:`SnapshotOrchestrator.chain`) and merging overlays back
   (:meth:`SnapshotOrchestrator.commit`, on the two-phase jobs of :meth:`Monitor.block_job`);
   and backups whose freeze holds only the transaction that starts them
-  (:meth:`SnapshotOrchestrator.backup`: full and incremental).
+  (:meth:`SnapshotOrchestrator.backup`: full and incremental), or that export the frozen
+  view over NBD for an external reader (:meth:`SnapshotOrchestrator.export`: pull mode).
 * :func:`recover` -> :class:`RecoveryReport`: settle what a dead operation left (journal in
   ``$XDG_STATE_HOME/qmpagent``).
 
@@ -48,6 +49,7 @@ from .errors import (
     UnsettledOperationError,
     UsageError,
 )
+from .fleece import Fleece, FleeceResult
 from .monitor import (
     AGENT_PORT_NAME,
     BlockDevice,
@@ -101,6 +103,8 @@ __all__ = [
     "EventOverflow",
     "EventStream",
     "ExecResult",
+    "Fleece",
+    "FleeceResult",
     "FreezeOwner",
     "FreezeState",
     "FreezeStatus",

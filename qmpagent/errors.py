@@ -271,8 +271,9 @@ class BackupError(SnapshotError):
     Attributes:
         record: a :class:`SnapshotRecord` (``overlays_added``/``files_created`` list the
             backup's target nodes and files).
-        stage: ``"window"`` (preflight, prepare, freeze or the transaction failed) or
-            ``"copy"`` (the copy jobs, after the thaw).
+        stage: ``"window"`` (preflight, prepare, freeze or the transaction failed),
+            ``"copy"`` (the copy jobs, after the thaw) or ``"export"`` (pull mode: starting
+            the NBD exports, after the thaw).
     """
 
     def __init__(self, message: str, record: SnapshotRecord | None = None, *, stage: str = "window") -> None:

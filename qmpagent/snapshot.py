@@ -84,8 +84,9 @@ from .snapshot_state import (
     TransactionState,
 )
 
-if TYPE_CHECKING:  # backup builds on this module
+if TYPE_CHECKING:  # backup and fleece build on this module
     from .backup import BackupProgressCallback, BackupResult
+    from .fleece import Fleece
 
 __all__ = [
     "FreezeOwner",
@@ -580,6 +581,38 @@ class SnapshotOrchestrator:
         )
         async with self._busy:
             return await op.run_backup(paths)
+
+    def export(
+        self,
+        images: Mapping[str, str | os.PathLike[str]],
+        *,
+        socket: str | os.PathLike[str],
+        quiesce: Quiesce | str = Quiesce.REQUIRED,
+        freeze_timeout: float = 10.0,
+        on_phase: PhaseCallback | None = None,
+    ) -> Fleece:
+        """Pull mode: export each disk's frozen point-in-time view over NBD for an external
+        reader (image fleecing: ``blockdev-backup`` ``sync: "none"`` into a temporary image
+        backed by the disk, started in one transaction inside the freeze; the guest is thawed
+        at once). Use as ``async with orch.export(...) as res``: ``res.uris[disk]`` is readable
+        as a raw image until the block ends; then everything is removed. See
+        :mod:`qmpagent.fleece`.
+
+        Args:
+            images: disk (node name or device id) -> its temporary fleecing image, which must
+                not exist yet (it holds the clusters the guest overwrites meanwhile).
+            socket: the unix socket QEMU's NBD server listens on (if this starts it).
+            quiesce, freeze_timeout, on_phase: as for :meth:`snapshot`.
+
+        Raises:
+            UsageError: bad arguments (raised here, before anything is sent).
+            BackupError: on entry: the export could not be set up (everything was removed).
+            ThawError: on entry: the guest may still be frozen.
+        """
+        from .fleece import fleece  # it builds on this module
+
+        return fleece(self, self._busy, images, socket=socket, quiesce=quiesce,
+                      freeze_timeout=freeze_timeout, on_phase=on_phase)
 
 
 async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any, Any, None]) -> None:
@@ -1216,10 +1249,17 @@ class _Operation:
         ov.step = _Step.NODE
         await mon.execute(
             "blockdev-add",
-            {"driver": "qcow2", "node-name": ov.node_name, "file": ov.file_node_name, "backing": None},
+            {"driver": "qcow2", "node-name": ov.node_name, "file": ov.file_node_name,
+             "backing": self._backing_node(ov)},
             timeout=ct,
         )
         self.state.overlay_added(ov.node_name)
+
+    def _backing_node(self, ov: _Overlay) -> str | None:
+        """Hook (:mod:`qmpagent.fleece` overrides it): the backing node the new image is
+        attached with; None (``backing: null``) for an overlay, which gets its backing node
+        from ``blockdev-snapshot``."""
+        return None
 
     def _image_options(self, ov: _Overlay) -> dict[str, Any]:
         """Hook (:mod:`qmpagent.backup` overrides it): the ``blockdev-create`` options of the

@@ -447,3 +447,38 @@ async def test_a_pending_record_refuses_incrementals(state: Path) -> None:
         rec = read_record(str(state), disk_file, "qmpagent")
         assert rec is not None and rec.pending is None and rec.target == again.targets["vblk0"]
         await orch.backup(targets(vm, "inc"), since=again.targets, state_dir=state)
+
+
+async def test_export_the_frozen_view_over_nbd_and_tear_it_down(tmp_path: Path) -> None:
+    """Pull mode on the fakes: one transaction of sync=none jobs under the freeze, thawed at
+    once, then NBD exports of the fleecing nodes; leaving the block removes everything."""
+    from qmpagent import FleeceResult
+
+    async with FakeVM(disks=2) as vm, await Monitor.connect(vm.qmp_address) as mon:
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        sock = str(tmp_path / "nbd.sock")
+        images = {d.device_id: str(vm.workdir / f"fleece{i}.qcow2") for i, d in enumerate(vm.disks)}
+        async with orch.export(images, socket=sock) as res:
+            assert isinstance(res, FleeceResult)
+            assert res.quiesced and res.freeze_owner == "self" and not vm.agent.frozen
+            assert res.uris == {k: f"nbd+unix:///{k}?socket={sock}" for k in images}
+            (tx,) = vm.transactions
+            assert tx.guest_frozen
+            assert [a["data"]["sync"] for a in tx.actions] == ["none", "none"]
+            assert vm.qmp.backups.nbd_server == sock
+            assert sorted(e["name"] for e in vm.qmp.backups.exports.values()) == ["vblk0", "vblk1"]
+            assert all(not e["writable"] for e in vm.qmp.backups.exports.values())
+            adds = [c.arguments for c in vm.qmp.commands("blockdev-add") if c.arguments["driver"] == "qcow2"]
+            assert [a["backing"] for a in adds] == ["disk0", "disk1"]  # backed by the disks
+            assert len(vm.qmp.jobs) == 2  # the fleecing jobs run until the end
+        assert vm.qmp.backups.nbd_server is None and not vm.qmp.backups.exports
+        assert_clean(vm)
+        # A set-up that fails (here: the NBD server cannot start) removes everything too.
+        vm.qmp.fail("nbd-server-start", "Failed to bind socket: Permission denied")
+        with pytest.raises(BackupError, match="Permission denied") as err:
+            async with orch.export(images, socket=sock):
+                raise AssertionError("not reached")
+        assert err.value.stage == "export"
+        assert_clean(vm)
+        with pytest.raises(UsageError):
+            orch.export({}, socket=sock)

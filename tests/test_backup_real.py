@@ -227,6 +227,46 @@ async def test_a_cancelled_or_failed_incremental_leaves_nothing_and_loses_no_bit
     rig.backups["frozen"] = res
 
 
+async def test_pull_mode_exports_the_frozen_view_over_nbd(rig: Rig) -> None:
+    g, ga = rig.guest, rig.ga
+    clock = Clock(await g.uptime())
+    await g.wait_writer_progress(clock.start + 0.3)
+    freeze = ga.fsfreeze_freeze
+
+    async def clocked_freeze(*args: Any, **kw: Any) -> int:
+        clock.freeze = await g.uptime()
+        n = await freeze(*args, **kw)
+        clock.frozen = await g.uptime()
+        return n
+
+    image = target(rig, "fleece")
+    setattr(ga, "fsfreeze_freeze", clocked_freeze)  # noqa: B010 - an instance attribute
+    try:
+        export = rig.orch.export({"vblk0": image}, socket=str(g.workdir / "nbd.sock"))
+        async with export as res:
+            delattr(ga, "fsfreeze_freeze")
+            assert res.quiesced and res.freeze_owner == "self"
+            assert await ga.fsfreeze_status() is FreezeStatus.THAWED
+            first, fsck = await read_backup_file(res.uris["vblk0"], "/writer.log", g.workdir / "n.raw",
+                                                 qemu_img=g.command("qemu-img"))
+            assert fsck is None, fsck
+            live = await g.wait_writer_progress(clock.frozen + 0.5)  # the guest writes on
+            again, _ = await read_backup_file(res.uris["vblk0"], "/writer.log", g.workdir / "n.raw",
+                                              fsck=False, qemu_img=g.command("qemu-img"))
+            assert again == first  # the view stays at the freeze
+            inside = WriterLog.parse(first)
+            last = inside.entries[-1]
+            assert last[1] <= clock.frozen + 0.011 < live.last_uptime
+            before = [n for n, t in live.entries if t < clock.freeze - 0.011]
+            assert last[0] >= before[-1] - 1
+    finally:
+        if hasattr(ga, "fsfreeze_freeze") and "fsfreeze_freeze" in vars(ga):
+            delattr(ga, "fsfreeze_freeze")
+    assert not Path(image).exists()
+    assert await leftovers(rig) == (set(), [])
+    assert await rig.mon.execute("query-block-exports") == []
+
+
 async def test_zz_backup_files_are_left_for_the_caller(rig: Rig) -> None:
     for res in rig.backups.values():
         assert Path(res.targets["vblk0"]).exists()

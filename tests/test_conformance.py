@@ -1069,6 +1069,39 @@ async def test_qmp_backup_bitmaps_and_jobs(peer: Peer) -> None:
         assert await _bitmaps(mon, "disk1") == {}
 
 
+async def test_qmp_nbd_exports(peer: Peer) -> None:
+    """Pull mode's commands: QEMU's NBD server on a unix socket, a read-only block export,
+    its listing and removal, and their errors."""
+    sock = str(peer.workdir / "cnbd.sock")
+    async with monitor(peer) as mon:
+
+        async def error(command: str, args: dict[str, Any] | None = None) -> str:
+            with pytest.raises(MonitorCommandError) as info:
+                await mon.execute(command, args)
+            assert info.value.error_class == "GenericError"
+            return info.value.desc
+
+        assert await error("nbd-server-stop") == "NBD server not running"
+        assert await mon.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": sock}}}) == {}
+        try:
+            assert await error("nbd-server-start", {
+                "addr": {"type": "unix", "data": {"path": sock}}}) == "NBD server already running"
+            export = {"type": "nbd", "id": "ce", "node-name": "disk1", "name": "vblk1", "writable": False}
+            assert await mon.execute("block-export-add", export) == {}
+            assert await error("block-export-add", export) == "Block export id 'ce' is already in use"
+            assert await mon.execute("query-block-exports") == [
+                {"type": "nbd", "id": "ce", "node-name": "disk1", "shutting-down": False}]
+            assert await mon.execute("block-export-del", {"id": "ce", "mode": "hard"}) == {}
+            deadline = time.monotonic() + TIMEOUT
+            while await mon.execute("query-block-exports") and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert await mon.execute("query-block-exports") == []
+            assert await error("block-export-del", {"id": "ce"}) == "Export 'ce' is not found"
+        finally:
+            await mon.execute("nbd-server-stop")
+
+
 async def test_orchestrator_observable_results(peer: Peer) -> None:
     def tokenless(text: str) -> str:
         return re.sub(r"qa[0-9a-f]{8}", "qa<T>", text)

@@ -12,7 +12,9 @@ successor the bitmap if the job succeeded, and merges it back if it failed or wa
 
 The copy is modelled by a rate, not bytes: a job copies :attr:`FakeBackups.rate` bytes a second
 (capped by its ``speed``) of its total (the virtual size for ``full``, the dirty clusters for
-``incremental``). :meth:`FakeBackups.fail_next` makes the next job fail part-way.
+``incremental``; ``none``, fleecing, runs until cancelled). :meth:`FakeBackups.fail_next`
+makes the next job fail part-way. NBD exports (``nbd-server-start``/``-stop``,
+``block-export-add``/``-del``, ``query-block-exports``) are state only: nothing is served.
 """
 
 from __future__ import annotations
@@ -127,6 +129,8 @@ class FakeBackups:
     Attributes:
         bitmaps: node name -> bitmap name -> :class:`FakeBitmap`.
         rate: bytes a second a backup job copies (before its ``speed``).
+        nbd_server: the NBD server's socket while it runs.
+        exports: the block exports (pull mode) by id; nothing is served on the socket.
     """
 
     def __init__(self, server: FakeQMPServer) -> None:
@@ -134,6 +138,10 @@ class FakeBackups:
         self.bitmaps: dict[str, dict[str, FakeBitmap]] = {}
         self.rate: float = float(1 << 30)
         self._failures: list[tuple[str, float]] = []
+        #: The NBD server's unix socket while it runs (``nbd-server-start``), else None.
+        self.nbd_server: str | None = None
+        #: Block exports by id (``block-export-add``).
+        self.exports: dict[str, dict[str, Any]] = {}
 
     # test API ---------------------------------------------------------------------------------
 
@@ -269,7 +277,7 @@ class FakeBackups:
                                 else f"Parameter 'sync' does not accept value '{sync}'")
         if sync in ("bitmap", "incremental") and "bitmap" not in data:
             raise generic_error(f"must provide a valid bitmap name for '{sync}' sync mode")
-        if sync not in ("full", "incremental", "bitmap"):
+        if sync not in ("full", "incremental", "bitmap", "none"):
             raise generic_error(f"fake QMP: blockdev-backup sync '{sync}' is not modelled")
         mode = data.get("bitmap-mode")
         if sync == "incremental":
@@ -306,11 +314,16 @@ class FakeBackups:
                 raise generic_error(f"Node '{node}' is busy: block device is in use by block job: backup")
         size = self._size(device)
         total = size if bitmap is None or sync == "full" else bitmap.count(size)
+        if sync == "none":
+            # Fleecing: it copies only what the guest overwrites, until it is cancelled.
+            if self._server.nodes[target].backing != device:
+                raise generic_error("fake QMP: sync 'none' is modelled for a target backed by the source")
+            total = 0
         speed = data.get("speed", 0)
         if not isinstance(speed, int) or speed < 0:
             raise generic_error("Parameter 'speed' expects a non-negative value")
         job = FakeBackupJob(job_id, "backup", device=device, target=target,
-                            sync="full" if sync == "full" else "incremental",
+                            sync=sync if sync in ("full", "none") else "incremental",
                             bitmap=bitmap.name if bitmap is not None else None,
                             bitmap_mode=str(mode), speed=speed, total=float(total))
         if bitmap is not None:
@@ -372,7 +385,9 @@ class FakeBackups:
         await asyncio.sleep(0)  # the transaction's reply goes out first
         last = time.monotonic()
         error: str | None = None
-        while not job._cancelled.is_set() and (job.current < job.total or job.fail_at is not None):
+        while not job._cancelled.is_set() and (
+            job.current < job.total or job.fail_at is not None or job.sync == "none"
+        ):
             await asyncio.sleep(_TICK)
             now = time.monotonic()
             rate = self.rate if job.speed == 0 else min(self.rate, job.speed)
@@ -410,6 +425,54 @@ class FakeBackups:
             bm.dirty |= bm.successor  # nothing lost
         bm.successor = None
 
+    # NBD exports (pull mode) -------------------------------------------------------------------
+
+    def nbd_server_start(self, call: FakeCall) -> dict[str, Any]:
+        addr = call.arg("addr", dict)
+        if self.nbd_server is not None:
+            raise generic_error("NBD server already running")
+        data = addr.get("data")
+        if addr.get("type") != "unix" or not isinstance(data, dict) or not isinstance(data.get("path"), str):
+            raise generic_error("fake QMP: only a unix socket address is modelled for nbd-server-start")
+        self.nbd_server = data["path"]
+        return {}
+
+    def nbd_server_stop(self, call: FakeCall) -> dict[str, Any]:
+        if self.nbd_server is None:
+            raise generic_error("NBD server not running")
+        self.nbd_server = None
+        self.exports.clear()
+        return {}
+
+    def block_export_add(self, call: FakeCall) -> dict[str, Any]:
+        if call.arg("type", str) != "nbd":
+            raise generic_error("fake QMP: only NBD exports are modelled")
+        export_id = call.arg("id", str)
+        node = call.arg("node-name", str)
+        if self.nbd_server is None:
+            raise generic_error("NBD server not running")
+        if export_id in self.exports:
+            raise generic_error(f"Block export id '{export_id}' is already in use")
+        if node not in self._server.nodes:
+            raise generic_error(f"Cannot find device='{node}' nor node-name='{node}'")
+        self.exports[export_id] = {"id": export_id, "type": "nbd", "node-name": node,
+                                   "shutting-down": False,
+                                   "name": call.arg("name", str, node),
+                                   "writable": call.arg("writable", bool, False)}
+        return {}
+
+    async def block_export_del(self, call: FakeCall) -> dict[str, Any]:
+        export_id = call.arg("id", str)
+        if export_id not in self.exports:
+            raise generic_error(f"Export '{export_id}' is not found")
+        del self.exports[export_id]
+        await self._server.emit("BLOCK_EXPORT_DELETED", {"id": export_id})
+        return {}
+
+    def query_block_exports(self, call: FakeCall) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k in ("id", "type", "node-name", "shutting-down")}
+                for e in self.exports.values()]
+
     # commands ---------------------------------------------------------------------------------
 
     def handlers(self, query_nodes: Handler, blockdev_del: Handler | None) -> dict[str, Handler]:
@@ -435,6 +498,11 @@ class FakeBackups:
             kind: one(kind) for kind in BACKUP_ACTIONS if kind != "blockdev-backup"
         }
         handlers["query-named-block-nodes"] = query
+        handlers.update({
+            "nbd-server-start": self.nbd_server_start, "nbd-server-stop": self.nbd_server_stop,
+            "block-export-add": self.block_export_add, "block-export-del": self.block_export_del,
+            "query-block-exports": self.query_block_exports,
+        })
         if blockdev_del is not None:
             inner = blockdev_del
 
@@ -443,6 +511,8 @@ class FakeBackups:
                 if isinstance(name, str) and self.busy_job(name) is not None:
                     raise FakeQMPError(
                         "GenericError", f"Node '{name}' is busy: block device is in use by block job: backup")
+                if isinstance(name, str) and any(e["node-name"] == name for e in self.exports.values()):
+                    raise FakeQMPError("GenericError", f"Node '{name}' is in use")  # by an export
                 result = inner(call)
                 if isinstance(name, str) and name not in self._server.nodes:
                     self.bitmaps.pop(name, None)
