@@ -111,6 +111,19 @@ def _chain_fields(exc: BackupChainError) -> dict[str, Any]:
     return {"disk": exc.disk, "since": exc.since, "why": exc.why}
 
 
+def _unsettled_detail(exc: UnsettledOperationError, agent: object) -> str:
+    how = f" --agent {address_text(agent)}" if agent is not None else ""
+    return f"{_snapshot_detail(exc, agent)}; settle it with `{PROG} recover --qmp ...{how}`"
+
+
+def _unsettled(exc: UnsettledOperationError) -> dict[str, Any]:
+    return {**_record(exc), "unresolved": list(exc.unresolved)}
+
+
+def _journal(exc: JournalError) -> dict[str, Any]:
+    return {"path": exc.path}
+
+
 def _commit_fields(exc: CommitError) -> dict[str, Any]:
     return {"record": dataclasses.asdict(exc.record)}
 
@@ -124,17 +137,6 @@ def _job_fields(exc: JobReadyTimeout) -> dict[str, Any]:
 
 def _mountpoint_fields(exc: UnknownMountpointError) -> dict[str, Any]:
     return {"unknown": exc.unknown, "known": exc.known}
-def _unsettled_detail(exc: UnsettledOperationError, agent: object) -> str:
-    how = f" --agent {address_text(agent)}" if agent is not None else ""
-    return f"{_snapshot_detail(exc, agent)}; settle it with `{PROG} recover --qmp ...{how}`"
-
-
-def _unsettled(exc: UnsettledOperationError) -> dict[str, Any]:
-    return {**_record(exc), "unresolved": list(exc.unresolved)}
-
-
-def _journal(exc: JournalError) -> dict[str, Any]:
-    return {"path": exc.path}
 
 
 def _internal_detail(exc: BaseException, agent: object) -> str:
@@ -160,14 +162,16 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
                           _backup_fields, label=""),
     SnapshotError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot failed in ", _snapshot_detail,
                             _record, label=""),
+    UnsettledOperationError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot refused in ",
+                                      _unsettled_detail, _unsettled, label=""),
+    JournalError: ErrorRow(ExitCode.ERROR, "journal: ", fields=_journal),
+
+
     # Listed before UsageError's row, and CommitTimeout before TimeoutError: the MRO decides.
     CommitTimeout: ErrorRow(ExitCode.TIMEOUT, "timeout: ", fields=_commit_fields),
     CommitError: ErrorRow(ExitCode.COMMIT_FAILED, fields=_commit_fields, label=""),
     UnknownMountpointError: ErrorRow(ExitCode.USAGE, fields=_mountpoint_fields),
     BackupChainError: ErrorRow(ExitCode.USAGE, fields=_chain_fields),
-    UnsettledOperationError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot refused in ",
-                                      _unsettled_detail, _unsettled, label=""),
-    JournalError: ErrorRow(ExitCode.ERROR, "journal: ", fields=_journal),
     UsageError: ErrorRow(ExitCode.USAGE),
     AgentUnavailable: ErrorRow(ExitCode.AGENT_UNAVAILABLE, "guest agent unavailable: "),
     MonitorUnavailable: ErrorRow(ExitCode.QMP_UNAVAILABLE, "QMP unavailable: "),
