@@ -409,7 +409,20 @@ class BackupOperation(_Operation):
 
     # --- failure (hooks) --------------------------------------------------------------------
 
+    #: The snapshot's words for what its transaction did, and a backup's.
+    _WORDS: Final = (
+        ("the snapshot was taken after all but is not guaranteed quiesced: the VM now runs on "
+         "the overlays", "the backup was started after all but is not guaranteed quiesced: it "
+         "is cancelled and its targets removed"),
+        ("the snapshot was taken but is not guaranteed quiesced: the VM now runs on the overlays",
+         "the backup was started but is not guaranteed quiesced: it is cancelled and its "
+         "targets removed"),
+        ("no snapshot was taken", "no backup was started"),
+    )
+
     def _fail(self, message: str, cause: BaseException | None = None) -> BackupError:
+        for snapshot_words, backup_words in self._WORDS:
+            message = message.replace(snapshot_words, backup_words)
         err = BackupError(message, self.record, stage=self.stage)
         err.__cause__ = cause
         return err

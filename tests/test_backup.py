@@ -482,3 +482,29 @@ async def test_export_the_frozen_view_over_nbd_and_tear_it_down(tmp_path: Path) 
         assert_clean(vm)
         with pytest.raises(UsageError):
             orch.export({}, socket=sock)
+
+
+@pytest.mark.parametrize("mode", ["required", "preferred"])
+async def test_a_transaction_past_the_window(state: Path, mode: str) -> None:
+    """The transaction does not return within freeze_timeout: thawed at the deadline; under
+    "required" the backup it started anyway is cancelled and removed, under "preferred" it
+    goes on, not quiesced."""
+    async with FakeVM() as vm, await Monitor.connect(vm.qmp_address) as mon:
+        vm.qmp.delay("transaction", 0.6, times=1)
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        if mode == "required":
+            with pytest.raises(BackupError, match="no backup was started|the backup was started") as err:
+                await orch.backup(targets(vm, "b"), state_dir=state, freeze_timeout=0.3)
+            assert "snapshot" not in str(err.value)
+            assert err.value.record.freeze_state is FreezeState.THAWED
+            assert_clean(vm)
+            assert vm.qmp.backups.bitmap("disk0", "qmpagent") is None
+        else:
+            res = await orch.backup(targets(vm, "b"), quiesce="preferred", state_dir=state,
+                                    freeze_timeout=0.3)
+            assert not res.quiesced and res.reason and "freeze window" in res.reason
+            assert res.bytes_copied == {"vblk0": 64 * MIB}
+            assert_clean(vm, set(res.targets.values()))
+        assert not vm.agent.frozen
+        gap = vm.agent.calls("guest-fsfreeze-thaw")[0].time - vm.agent.calls("guest-fsfreeze-freeze")[0].time
+        assert gap < 0.55  # thawed at the deadline, not when the transaction returned
