@@ -493,7 +493,7 @@ async def test_a_transaction_past_the_window(state: Path, mode: str) -> None:
         vm.qmp.delay("transaction", 0.6, times=1)
         orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
         if mode == "required":
-            with pytest.raises(BackupError, match="no backup was started|the backup was started") as err:
+            with pytest.raises(BackupError, match=r"no backup was started|the backup was started") as err:
                 await orch.backup(targets(vm, "b"), state_dir=state, freeze_timeout=0.3)
             assert "snapshot" not in str(err.value)
             assert err.value.record.freeze_state is FreezeState.THAWED
