@@ -125,3 +125,34 @@ def test_usage_errors(argv: list[str], monkeypatch: pytest.MonkeyPatch,
 def test_error_rows() -> None:
     assert exit_code_for(BackupError("x", SnapshotRecord())) is ExitCode.BACKUP_FAILED
     assert exit_code_for(BackupChainError("vblk0", "/a", "no")) is ExitCode.USAGE
+
+
+async def test_ctrl_c_during_the_copy_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    import signal
+
+    from qmpagent.testing.fake_qmp import FakeBackupJob
+
+    async with FakeVM() as vm:
+        vm.qmp.backups.rate = 1 << 20  # a minute for the disk
+        target = tmp_path / "b.qcow2"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "qmpagent", "backup", "--qmp", str(vm.qmp_address),
+            "--agent", str(vm.agent_address), "--disk", f"vblk0={target}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env(tmp_path))
+        try:
+            for _ in range(1000):
+                if any(isinstance(j, FakeBackupJob) and j.current > 0 for j in vm.qmp.jobs.values()):
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the copy did not start")
+            proc.send_signal(signal.SIGINT)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == ExitCode.INTERRUPTED, err
+        assert not target.exists() and not vm.new_nodes() and not vm.qmp.jobs
+        assert vm.qmp.calls("job-cancel") and not vm.agent.frozen
