@@ -267,6 +267,61 @@ async def test_pull_mode_exports_the_frozen_view_over_nbd(rig: Rig) -> None:
     assert await rig.mon.execute("query-block-exports") == []
 
 
+_DRIVER = """
+import asyncio, sys
+from qmpagent import Monitor, SnapshotOrchestrator
+
+async def main(qmp, target, since, state, journal):
+    async with await Monitor.connect(qmp) as mon:
+        orch = SnapshotOrchestrator(mon, journal_dir=journal)
+        await orch.backup({"vblk0": target}, since={"vblk0": since}, quiesce="off",
+                          state_dir=state, speed=128 * 1024)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_recover_settles_a_backup_whose_process_was_killed(rig: Rig) -> None:
+    """A backup process SIGKILLed during its copy (on the rig's second QMP socket): its job
+    goes on in QEMU until recover ends it; the target node and file are removed, the bitmap
+    keeps every bit, and the next incremental since the last completed backup is whole."""
+    import sys
+
+    from qmpagent import recover
+
+    g = rig.guest
+    last = rig.backups["frozen"]
+    await g.run("yes killed | head -c 1048576 > /mnt/data/killed.bin; sync", TIMEOUT)
+    count = await bitmap_count(rig)
+    path = target(rig, "killed")
+    journal = rig.state / "journal"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DRIVER, str(g.workdir / "rig-qmp.sock"), path,
+        last.targets["vblk0"], str(rig.state), str(journal))
+    try:
+        for _ in range(600):
+            jobs = await rig.mon.execute("query-jobs")
+            if jobs and jobs[0]["status"] == "running" and jobs[0]["current-progress"] > 0:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the copy did not start")
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert Path(path).exists() and (await rig.mon.execute("query-jobs"))[0]["status"] == "running"
+    report = await recover(rig.mon, agent=rig.ga, journal_dir=journal)
+    assert report.clean, report.render()
+    assert path in report.removed_files and not Path(path).exists()
+    assert await leftovers(rig) == (set(), [])
+    assert await bitmap_count(rig) >= count
+    res = await rig.orch.backup({"vblk0": path}, since=last.targets, state_dir=rig.state)
+    text, _ = await read_backup_file(path, "/killed.bin", g.workdir / "c.raw", fsck=False,
+                                     qemu_img=g.command("qemu-img"))
+    assert text == ("killed\n" * 200000)[:1048576]
+    rig.backups["frozen"] = res
+
+
 async def test_zz_backup_files_are_left_for_the_caller(rig: Rig) -> None:
     for res in rig.backups.values():
         assert Path(res.targets["vblk0"]).exists()
