@@ -92,6 +92,10 @@ log = logging.getLogger(__name__)
 #: block. An exception it raises is logged and ignored.
 BackupProgressCallback = Callable[[str, JobProgress], None]
 
+#: The speed (bytes a second) a backup job starts with, until the guest is thawed: QEMU's rate
+#: limit lets its first chunk through, then it waits (a speed change wakes it at once).
+_HELD: Final = 1
+
 #: Seconds between two looks at a job's progress for a stall.
 _STALL_CHECK: Final = 1.0
 
@@ -282,8 +286,9 @@ class BackupOperation(_Operation):
             data: dict[str, Any] = {"job-id": t.job_id, "device": t.node, "target": t.node_name,
                                     "sync": "incremental" if t.since is not None else "full",
                                     "auto-dismiss": False}
-            if self.speed is not None:
-                data["speed"] = self.speed
+            # Held to a crawl until the thaw (then set to ``speed``, or unlimited): the copy's
+            # I/O would otherwise compete with the thaw for QEMU's main loop, in the window.
+            data["speed"] = _HELD
             if t.use_bitmap:
                 # on-success: a failed or cancelled job merges the writes it saw back into
                 # the bitmap; a completed one leaves only the writes since its start.
@@ -308,6 +313,9 @@ class BackupOperation(_Operation):
         self.stage = "copy"
         with self._phase(Phase.COPY):
             try:
+                for t in self.targets:
+                    await self.mon.execute("block-job-set-speed", {
+                        "device": t.job_id, "speed": self.speed or 0}, timeout=self.t.command)
                 await _all_or_none([self._copy(t) for t in self.targets])
                 for t in self.targets:
                     await self._detach(t)

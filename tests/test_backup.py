@@ -99,7 +99,11 @@ async def test_incremental_copies_only_the_changes_and_resets_the_bitmap(state: 
         assert actions == [{"type": "blockdev-backup", "data": {
             "job-id": actions[0]["data"]["job-id"], "device": "disk0",  # type: ignore[index]
             "target": actions[0]["data"]["target"], "sync": "incremental",  # type: ignore[index]
-            "auto-dismiss": False, "bitmap": "qmpagent", "bitmap-mode": "on-success"}}]
+            "auto-dismiss": False, "speed": 1,  # held until the thaw
+            "bitmap": "qmpagent", "bitmap-mode": "on-success"}}]
+        # Released once the guest was thawed (unlimited: no speed asked for).
+        (release,) = vm.qmp.commands("block-job-set-speed")[-1:]
+        assert release.arguments == {"device": actions[0]["data"]["job-id"], "speed": 0}  # type: ignore[index]
         bm = vm.qmp.backups.bitmap("disk0", "qmpagent")
         assert bm is not None and bm.dirty == set()  # reset by the completed copy
         # The incremental's backing file is the full backup (a qcow2 header field).
@@ -354,7 +358,8 @@ async def test_speed_limits_the_copy(state: Path) -> None:
         orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
         res = await orch.backup(targets(vm, "b"), state_dir=state, speed=256 * MIB)
         assert 0.2 <= res.timings.copy < 5  # 64 MiB at 256 MiB/s
-        assert backup_transaction(vm)[1]["data"]["speed"] == 256 * MIB  # type: ignore[index]
+        assert backup_transaction(vm)[1]["data"]["speed"] == 1  # type: ignore[index]
+        assert vm.qmp.commands("block-job-set-speed")[-1].arguments["speed"] == 256 * MIB
         with pytest.raises(UsageError, match="speed"):
             await orch.backup(targets(vm, "c"), state_dir=state, speed=0)
 

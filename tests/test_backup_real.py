@@ -310,7 +310,9 @@ async def test_recover_settles_a_backup_whose_process_was_killed(rig: Rig) -> No
         proc.kill()
         await proc.wait()
     assert Path(path).exists() and (await rig.mon.execute("query-jobs"))[0]["status"] == "running"
-    report = await recover(rig.mon, agent=rig.ga, journal_dir=journal)
+    # Through the socket the dead process used: its journal entry names the VM by it.
+    async with await Monitor.connect(g.workdir / "rig-qmp.sock", command_timeout=TIMEOUT) as mon:
+        report = await recover(mon, agent=rig.ga, journal_dir=journal)
     assert report.clean, report.render()
     assert path in report.removed_files and not Path(path).exists()
     assert await leftovers(rig) == (set(), [])

@@ -498,6 +498,22 @@ class FakeBackups:
             kind: one(kind) for kind in BACKUP_ACTIONS if kind != "blockdev-backup"
         }
         handlers["query-named-block-nodes"] = query
+        set_speed = self._server.handlers.get("block-job-set-speed")
+
+        def job_set_speed(call: FakeCall) -> Any:
+            job = self._server.jobs.get(call.arguments.get("device"))  # type: ignore[arg-type]
+            if not isinstance(job, FakeBackupJob):
+                if set_speed is None:
+                    device = call.arguments.get("device")
+                    raise FakeQMPError("DeviceNotActive", f"Block job '{device}' not found")
+                return set_speed(call)
+            speed = call.arg("speed", int)
+            if speed < 0:
+                raise generic_error("Parameter 'speed' expects a non-negative value")
+            job.speed = speed
+            return {}
+
+        handlers["block-job-set-speed"] = job_set_speed
         handlers.update({
             "nbd-server-start": self.nbd_server_start, "nbd-server-stop": self.nbd_server_stop,
             "block-export-add": self.block_export_add, "block-export-del": self.block_export_del,
