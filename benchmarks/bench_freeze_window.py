@@ -432,7 +432,7 @@ async def run(args: argparse.Namespace, report: Report) -> dict[str, Any]:
         cost = s["guard_cost_window_ms"]
         met = cost <= TARGET_GUARD_COST_MS
         targets[f"guard_cost_{disks}disk"] = {"limit_ms": TARGET_GUARD_COST_MS, "value_ms": cost, "met": met}
-        report.line(f"  freeze guard {disks} disk(s): +{cost:.2f} ms median host window "
+        report.line(f"  freeze guard {disks} disk(s): {cost:+.2f} ms median host window "
                     f"(ours / unguarded {s['ours_vs_unguarded_window']:.3f})   target <= "
                     f"{TARGET_GUARD_COST_MS} ms: {verdict(met)}")
     return {
