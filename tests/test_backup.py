@@ -20,7 +20,7 @@ from qmpagent import (
     SnapshotOrchestrator,
     UsageError,
 )
-from qmpagent.testing import AgentFault, FakeVM
+from qmpagent.testing import AgentFault, FakeVM, create_qcow2_image
 from qmpagent.testing.fake_qmp import FakeBackupJob
 
 MIB = 1 << 20
@@ -253,9 +253,12 @@ async def test_since_that_does_not_match_is_refused_before_anything(state: Path,
         # No bitmap yet (no full backup), or a file that is not there / not qcow2 / wrong size.
         other = tmp_path / "other.qcow2"
         other.write_bytes(b"not an image")
+        small = tmp_path / "small.qcow2"
+        create_qcow2_image(small, 1 << 20)
         cases = [
             (str(tmp_path / "missing.qcow2"), "does not exist"),
             (str(other), "not a qcow2 image"),
+            (str(small), "virtual size is 1048576 bytes, the disk's is 67108864"),
             (str(vm.disks[0].path), "no dirty bitmap 'qmpagent'"),
         ]
         for since, why in cases:
