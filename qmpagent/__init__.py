@@ -7,7 +7,10 @@
   briefly and never thaw a freeze they did not make; a freeze guard process thaws the guest
   if the orchestrator dies or gets stuck inside the window; and their lifecycle: the
   backing chain (:meth:`SnapshotOrchestrator.chain`) and merging overlays back
-  (:meth:`SnapshotOrchestrator.commit`, on the two-phase jobs of :meth:`Monitor.block_job`).
+  (:meth:`SnapshotOrchestrator.commit`, on the two-phase jobs of :meth:`Monitor.block_job`);
+  and backups whose freeze holds only the transaction that starts them
+  (:meth:`SnapshotOrchestrator.backup`: full and incremental), or that export the frozen
+  view over NBD for an external reader (:meth:`SnapshotOrchestrator.export`: pull mode).
 * :func:`recover` -> :class:`RecoveryReport`: settle what a dead operation left (journal in
   ``$XDG_STATE_HOME/qmpagent``).
 
@@ -15,6 +18,7 @@ All errors derive from :class:`QMPAgentError`; see :mod:`qmpagent.errors` for th
 """
 
 from .agent import AgentInfo, CommandInfo, ExecResult, FreezeStatus, GuestAgent
+from .backup import BackupProgressCallback, BackupResult
 from .chain import ChainNode
 from .commit import CommitResult
 from .errors import (
@@ -23,6 +27,8 @@ from .errors import (
     AgentProtocolError,
     AgentTimeout,
     AgentUnavailable,
+    BackupChainError,
+    BackupError,
     CommitError,
     CommitRecord,
     CommitTimeout,
@@ -43,6 +49,7 @@ from .errors import (
     UnsettledOperationError,
     UsageError,
 )
+from .fleece import Fleece, FleeceResult
 from .monitor import (
     AGENT_PORT_NAME,
     BlockDevice,
@@ -80,6 +87,10 @@ __all__ = [
     "AgentProtocolError",
     "AgentTimeout",
     "AgentUnavailable",
+    "BackupChainError",
+    "BackupError",
+    "BackupProgressCallback",
+    "BackupResult",
     "BlockDevice",
     "BlockJob",
     "BlockNode",
@@ -92,6 +103,8 @@ __all__ = [
     "EventOverflow",
     "EventStream",
     "ExecResult",
+    "Fleece",
+    "FleeceResult",
     "FreezeOwner",
     "FreezeState",
     "FreezeStatus",

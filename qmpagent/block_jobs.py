@@ -375,6 +375,32 @@ class BlockJob:
                 raise
         self.dismissed = True
 
+    async def wait_concluded(self, *, timeout: float | None) -> JobProgress:
+        """Wait for a one-phase job (``blockdev-backup``, ``block-stream``: it concludes by
+        itself) to conclude, polling its progress (``on_progress``) meanwhile, and dismiss it.
+        May be called again after a :class:`~qmpagent.MonitorTimeout` (e.g. to check for a
+        stall between calls).
+
+        Returns:
+            Its last progress (``current`` = ``total`` for a job that completed).
+
+        Raises:
+            MonitorTimeout: not concluded within ``timeout`` (the job goes on; leaving the
+                handle cancels and dismisses it).
+            JobError: the job failed, or was cancelled (by someone else); it was dismissed.
+            MonitorError: a command failed or the connection was lost.
+        """
+        info = await self._conclude(timeout)
+        self._finished = True
+        if info is None:
+            raise JobError(self.command or "job", self.job_id,
+                           "the job disappeared before its result could be read (auto-dismiss?)")
+        if info.get("error"):
+            raise JobError(self.command or "job", self.job_id, str(info["error"]))
+        progress = _progress(self.job_id, info)
+        self._notify(progress)
+        return progress
+
     async def _conclude(self, timeout: float | None) -> dict[str, Any] | None:
         """Wait until concluded (or gone), read the entry, dismiss; the entry (None: gone)."""
         until = None if timeout is None else time.monotonic() + timeout

@@ -17,12 +17,14 @@ Every error the library raises on purpose derives from :class:`QMPAgentError`::
     │   ├── MonitorProtocolError        QEMU's reply did not have the expected shape
     │   └── EventOverflow               an event queue overflowed; events were lost (.dropped)
     ├── SnapshotError                   a snapshot was not taken (carries what was done)
+    │   ├── BackupError                 a backup did not complete (targets removed, no dirty bit lost)
     │   ├── ThawError                   our freeze could not be thawed: the guest MAY STILL BE FROZEN
     │   └── UnsettledOperationError     a dead operation on this VM could not be settled, or one is live
     ├── JournalError                    a journal file is torn, foreign or unwritable (.path)
     ├── CommitError                     a commit did not finish (says where the VM stands)
     │   └── CommitTimeout               it was not ready in time (also a TimeoutError)
     └── UsageError                      the caller misused the API (bad argument, wrong state)
+        ├── BackupChainError            an incremental backup's ``since`` does not match its disk
         └── UnknownMountpointError      snapshot(mountpoints=) named a filesystem the guest lacks
 
 Lower-layer exceptions (``OSError``, ``qemu.qmp`` errors, ``json`` errors) are re-raised as one of
@@ -41,6 +43,8 @@ __all__ = [
     "AgentProtocolError",
     "AgentTimeout",
     "AgentUnavailable",
+    "BackupChainError",
+    "BackupError",
     "CommitError",
     "CommitRecord",
     "CommitTimeout",
@@ -254,6 +258,50 @@ class SnapshotError(QMPAgentError):
     def thawed(self) -> int:
         """Filesystems this operation thawed."""
         return self.record.thawed
+
+
+class BackupError(SnapshotError):
+    """A backup (:meth:`~qmpagent.SnapshotOrchestrator.backup`) did not complete: it was
+    refused, its copy failed, timed out or was cancelled. Its partial targets were removed
+    (``record.files_removed``; a file that could not be removed is named in the message),
+    the guest was thawed (or a :class:`ThawError` is raised instead), and the disks' dirty
+    bitmaps lost no bits: the next incremental backup still copies everything that changed
+    since the last *completed* one.
+
+    Attributes:
+        record: a :class:`SnapshotRecord` (``overlays_added``/``files_created`` list the
+            backup's target nodes and files).
+        stage: ``"window"`` (preflight, prepare, freeze or the transaction failed),
+            ``"copy"`` (the copy jobs, after the thaw) or ``"export"`` (pull mode: starting
+            the NBD exports, after the thaw).
+    """
+
+    def __init__(self, message: str, record: SnapshotRecord | None = None, *, stage: str = "window") -> None:
+        super().__init__(message, record)
+        self.stage = stage
+
+
+class BackupChainError(UsageError):
+    """An incremental backup's ``since`` does not match the disk: the file is missing, is not
+    a qcow2 image, has another virtual size, the disk has no (usable) dirty bitmap of that
+    name, or the file is not the last backup made with that bitmap. Raised before anything is
+    created or frozen: never a silently wrong backup. Take a full backup (``since=None``) to
+    start a new chain.
+
+    Attributes:
+        disk: the disk concerned.
+        since: the ``since`` file given for it.
+        why: what does not match, in a few words.
+    """
+
+    def __init__(self, disk: str, since: str, why: str) -> None:
+        super().__init__(
+            f"cannot take an incremental backup of {disk!r} since {since}: {why} "
+            "(take a full backup, since=None, to start a new chain)"
+        )
+        self.disk = disk
+        self.since = since
+        self.why = why
 
 
 class ThawError(SnapshotError):

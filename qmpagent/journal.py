@@ -276,6 +276,10 @@ class Entry:
             merges, top first, removed once it pivoted, and ``commit`` says the rest).
         commit: a commit's job id, device, base node and whether the merged files are deleted
             (``{"job": ..., "device": ..., "base": ..., "delete_files": ...}``), else None.
+        backup: a backup's (``kind`` ``"backup"``; ``overlays`` are its targets) bitmap, state
+            directory and, per target, its disk's image file and copy job
+            (``{"bitmap": ..., "state_dir": ..., "targets": [{"node": ..., "disk_file": ...,
+            "job": ...}]}``, see :mod:`qmpagent.backup`), else None.
         created, updated: wall-clock times (seconds since the epoch).
         path: the file it was read from (None before it was written).
     """
@@ -290,6 +294,7 @@ class Entry:
     transaction: str = "not-sent"
     kind: str = "snapshot"
     commit: dict[str, Any] | None = None
+    backup: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     path: Path | None = None
@@ -315,6 +320,7 @@ class Entry:
                 for o in self.overlays
             ],
             **({"commit": dict(self.commit)} if self.commit is not None else {}),
+            **({"backup": dict(self.backup)} if self.backup is not None else {}),
             "created": self.created,
             "updated": self.updated,
         }
@@ -350,6 +356,18 @@ class Entry:
             for key, kinds in (("job", str), ("device", str), ("base", str), ("delete_files", bool)):
                 if not isinstance(commit.get(key), kinds):
                     raise ValueError(f"commit.{key} is missing or of the wrong type")
+        backup = raw.get("backup")
+        if backup is not None:
+            if not isinstance(backup, dict) or not isinstance(backup.get("state_dir"), str):
+                raise ValueError("backup is not an object with a state_dir")
+            if not isinstance(backup.get("bitmap"), (str, type(None))):
+                raise ValueError("backup.bitmap is of the wrong type")
+            targets = backup.get("targets")
+            if not isinstance(targets, list) or not all(
+                isinstance(t, dict) and all(isinstance(t.get(k), str) for k in ("node", "disk_file", "job"))
+                for t in targets
+            ):
+                raise ValueError("backup.targets is missing or of the wrong type")
         op = _req(raw, "op", str)
         if not re.fullmatch(r"[0-9a-f]{16}", op) or path.name != f"op-{op}.json":
             raise ValueError("the op id does not match the file name")
@@ -364,6 +382,7 @@ class Entry:
             transaction=_req(raw, "transaction", str),
             kind=_req(raw, "kind", str),
             commit=commit,
+            backup=backup,
             created=float(_req(raw, "created", (int, float))),
             updated=float(_req(raw, "updated", (int, float))),
             path=path,

@@ -290,6 +290,11 @@ async def _settle_entry(mon: Monitor, handle: _AgentHandle, journal: Journal, en
             await _settle_freeze(handle, journal, entry, report, timeout, may_thaw)
             if len(report.unresolved) > before:
                 return  # the freeze first: nothing else of this entry is touched meanwhile
+            if entry.kind == "backup":
+                # Its copy jobs first (they hold the targets open): qmpagent.backup.
+                from .backup import settle_backup_entry
+
+                report.unresolved.extend(await settle_backup_entry(mon, entry, timeout=timeout))
             await _settle_jobs(mon, entry, report, timeout)
             await _settle_nodes(mon, entry, report, timeout)
     except MonitorError as exc:
@@ -370,7 +375,9 @@ async def _settle_jobs(mon: Monitor, entry: Entry, report: RecoveryReport, timeo
 
 async def _settle_nodes(mon: Monitor, entry: Entry, report: RecoveryReport, timeout: float) -> None:
     nodes = {n.node_name: n for n in await mon.named_block_nodes()}
-    applied = [o for o in entry.overlays if o.node in nodes and nodes[o.node].backing_file]
+    # (A backup's targets, fleecing images included, are never the VM's layers.)
+    applied = [] if entry.kind == "backup" else [
+        o for o in entry.overlays if o.node in nodes and nodes[o.node].backing_file]
     if applied:
         # The transaction is atomic: it was applied, the overlays are the active layers.
         report.kept_overlays.extend(o.node for o in applied)

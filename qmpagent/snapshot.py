@@ -47,7 +47,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
@@ -83,6 +83,10 @@ from .snapshot_state import (
     SnapshotState,
     TransactionState,
 )
+
+if TYPE_CHECKING:  # backup and fleece build on this module
+    from .backup import BackupProgressCallback, BackupResult
+    from .fleece import Fleece
 
 __all__ = [
     "FreezeOwner",
@@ -127,6 +131,7 @@ class PhaseTimings:
     freeze: float = 0.0
     transaction: float = 0.0
     thaw: float = 0.0
+    copy: float = 0.0  # a backup's copy, after the thaw (0.0 for snapshots)
     cleanup: float = 0.0
     total: float = 0.0
 
@@ -508,6 +513,107 @@ class SnapshotOrchestrator:
                 journal=self.journal,
             )
 
+    async def backup(
+        self,
+        targets: Mapping[str, str | os.PathLike[str]],
+        since: Mapping[str, str | os.PathLike[str]] | None = None,
+        quiesce: Quiesce | str = Quiesce.REQUIRED,
+        *,
+        freeze_timeout: float = 10.0,
+        bitmap: str | None = "qmpagent",
+        on_phase: PhaseCallback | None = None,
+        on_progress: BackupProgressCallback | None = None,
+        progress_interval: float = 1.0,
+        timeout: float | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        speed: int | None = None,
+    ) -> BackupResult:
+        """Back up ``targets``: a point-in-time copy of each disk, application-consistent (the
+        guest frozen only while one ``transaction`` starts the copy jobs), returned when the
+        copy is complete. See :mod:`qmpagent.backup` for how, and why no dirty bit is lost.
+
+        Every rule of :meth:`snapshot` holds: the same preflight (agent port, sync, ping,
+        status, freeze commands), ``quiesce`` policies, ``freeze_timeout`` window, a foreign
+        freeze kept, only our freeze thawed, on every exit path. Concurrent calls on one
+        orchestrator (snapshots included) run one after the other.
+
+        Args:
+            targets: disk (block node name or device id) -> the backup file, which must not
+                exist yet; created as qcow2 (the disk's virtual size). No two may be one file.
+            since: disk -> its previous backup (the last one made with ``bitmap``): those
+                disks' backups are incremental (only the clusters changed since; the target's
+                backing file is that backup). Other disks get a full backup.
+            quiesce: ``"required"``, ``"preferred"`` or ``"off"`` (see :class:`Quiesce`).
+            freeze_timeout: the longest allowed freeze window, as for :meth:`snapshot`.
+            bitmap: the persistent dirty bitmap that tracks each disk's changes for the next
+                incremental (added by the first full backup; needs a qcow2 disk); None: no
+                tracking (full backups only).
+            on_phase: as for :meth:`snapshot`; a backup adds the phase ``copy``.
+            on_progress: ``on_progress(disk, JobProgress)`` at each progress poll of the copy.
+            progress_interval: seconds between progress polls.
+            timeout: the longest the copy may take (None: no limit, but a copy that makes no
+                progress for ``job_timeout`` seconds fails).
+            state_dir: where the record of each disk's last backup is kept (default
+                ``$XDG_STATE_HOME/qmpagent-backups``); an incremental is allowed only since that one.
+            speed: limit each copy job to this many bytes per second (``blockdev-backup``
+                ``speed``), e.g. to spare the guest's I/O; None: no limit.
+
+        Returns:
+            A :class:`~qmpagent.BackupResult` (``targets``, ``bytes_copied``, ``quiesced``,
+            ``freeze_window``, ...).
+
+        Raises:
+            UsageError: bad arguments (as for :meth:`snapshot`; a ``since`` for a disk not in
+                ``targets``, a bad bitmap name, a disk that cannot hold a persistent bitmap).
+            BackupChainError: a ``since`` that does not match its disk (missing, not qcow2,
+                another size, no bitmap, not the last backup): nothing was done.
+            BackupError: the backup failed, timed out or was cancelled by QEMU (``.stage``
+                ``"window"`` or ``"copy"``); its targets were removed, no dirty bit was lost.
+            ThawError: the guest may still be frozen (as for :meth:`snapshot`).
+        """
+        from .backup import backup_operation  # it builds on this module
+
+        op, paths = backup_operation(
+            self, targets, since=since, quiesce=quiesce, freeze_timeout=freeze_timeout,
+            bitmap=bitmap, on_phase=on_phase, on_progress=on_progress,
+            progress_interval=progress_interval, timeout=timeout, state_dir=state_dir,
+            timeouts=self._timeouts(), speed=speed,
+        )
+        async with self._busy:
+            return await op.run_backup(paths)
+
+    def export(
+        self,
+        images: Mapping[str, str | os.PathLike[str]],
+        *,
+        socket: str | os.PathLike[str],
+        quiesce: Quiesce | str = Quiesce.REQUIRED,
+        freeze_timeout: float = 10.0,
+        on_phase: PhaseCallback | None = None,
+    ) -> Fleece:
+        """Pull mode: export each disk's frozen point-in-time view over NBD for an external
+        reader (image fleecing: ``blockdev-backup`` ``sync: "none"`` into a temporary image
+        backed by the disk, started in one transaction inside the freeze; the guest is thawed
+        at once). Use as ``async with orch.export(...) as res``: ``res.uris[disk]`` is readable
+        as a raw image until the block ends; then everything is removed. See
+        :mod:`qmpagent.fleece`.
+
+        Args:
+            images: disk (node name or device id) -> its temporary fleecing image, which must
+                not exist yet (it holds the clusters the guest overwrites meanwhile).
+            socket: the unix socket QEMU's NBD server listens on (if this starts it).
+            quiesce, freeze_timeout, on_phase: as for :meth:`snapshot`.
+
+        Raises:
+            UsageError: bad arguments (raised here, before anything is sent).
+            BackupError: on entry: the export could not be set up (everything was removed).
+            ThawError: on entry: the guest may still be frozen.
+        """
+        from .fleece import fleece  # it builds on this module
+
+        return fleece(self, self._busy, images, socket=socket, quiesce=quiesce,
+                      freeze_timeout=freeze_timeout, on_phase=on_phase)
+
 
 async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any, Any, None]) -> None:
     """Run a clean-up step to completion while ``failure`` propagates. If that failure is a
@@ -643,6 +749,7 @@ class _Operation:
                 with self._phase(Phase.PREPARE):
                     await self._prepare()
                 await self._freeze_snapshot_thaw()
+                await self._after_window()
             except BaseException as exc:
                 await _keeping_thaw_error(exc, self._cleanup(exc))
                 raise
@@ -661,6 +768,10 @@ class _Operation:
         self._checkpoint()
         self.times["total"] = time.monotonic() - started
         return self._result()
+
+    async def _after_window(self) -> None:
+        """Hook (:mod:`qmpagent.backup` overrides it: the copy): what runs after the window
+        closed (thawed); a failure is cleaned up like any other."""
 
     def _result(self) -> SnapshotResult:
         st = self.state
@@ -782,7 +893,12 @@ class _Operation:
             owner_start=process_start_time(me),
             overlays=[OverlayRecord(o.node, o.node_name, o.file_node_name, o.path) for o in self.overlays],
         )
+        self._describe(self.entry)
         self._journal_write("prepare")
+
+    def _describe(self, entry: Entry) -> None:
+        """Hook (:mod:`qmpagent.backup` overrides it): what else the journal entry must say,
+        before its first write."""
 
     def _journal_write(self, step: str, *, required: bool = True) -> None:
         """Write the entry durably, announcing ``step`` (before it is taken). A failure is a
@@ -823,18 +939,7 @@ class _Operation:
     async def _finish_journal(self) -> None:
         """At the very end: stop the guard; remove the journal entry, or (something is left)
         hand it over to recovery (owner 0: nobody runs it any more)."""
-        guard, self.guard = self.guard, None
-        if guard is not None:
-            if not self.state.must_settle:
-                guard.disarm()
-            await guard.close()
-            agent = self.agent
-            if agent is not None and agent.is_connected:
-                agent.hold_reading(False)
-                if guard.took_over is not None:
-                    # The guard spoke on this connection: resync before it is used again.
-                    with contextlib.suppress(AgentError):
-                        await agent.sync(timeout=self.t.agent)
+        await self._stop_guard()
         entry = self.entry
         if entry is None:
             return
@@ -849,6 +954,22 @@ class _Operation:
         except JournalError as exc:
             self.warnings.append(f"journal: {exc}")
             log.warning("journal: %s", exc)
+
+    async def _stop_guard(self) -> None:
+        """Stop the freeze guard (if started; idempotent), disarmed first unless a freeze of
+        ours may still be in place."""
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            if not self.state.must_settle:
+                guard.disarm()
+            await guard.close()
+            agent = self.agent
+            if agent is not None and agent.is_connected:
+                agent.hold_reading(False)
+                if guard.took_over is not None:
+                    # The guard spoke on this connection: resync before it is used again.
+                    with contextlib.suppress(AgentError):
+                        await agent.sync(timeout=self.t.agent)
 
     def _start_guard(self) -> None:
         """Start the freeze guard if a freeze will be attempted (outside the window)."""
@@ -1120,6 +1241,29 @@ class _Operation:
             {"driver": "file", "filename": ov.path, "node-name": ov.file_node_name},
             timeout=ct,
         )
+        await mon.run_job(
+            "blockdev-create",
+            {"job-id": f"{ov.node_name}-cq", "options": self._image_options(ov)},
+            timeout=jt,
+        )
+        ov.step = _Step.NODE
+        await mon.execute(
+            "blockdev-add",
+            {"driver": "qcow2", "node-name": ov.node_name, "file": ov.file_node_name,
+             "backing": self._backing_node(ov)},
+            timeout=ct,
+        )
+        self.state.overlay_added(ov.node_name)
+
+    def _backing_node(self, ov: _Overlay) -> str | None:
+        """Hook (:mod:`qmpagent.fleece` overrides it): the backing node the new image is
+        attached with; None (``backing: null``) for an overlay, which gets its backing node
+        from ``blockdev-snapshot``."""
+        return None
+
+    def _image_options(self, ov: _Overlay) -> dict[str, Any]:
+        """Hook (:mod:`qmpagent.backup` overrides it): the ``blockdev-create`` options of the
+        new image: a qcow2 overlay whose backing file is the current image."""
         options: dict[str, Any] = {
             "driver": "qcow2",
             "file": ov.file_node_name,
@@ -1128,16 +1272,7 @@ class _Operation:
         }
         if ov.base.driver in ("qcow2", "raw", "qed", "vmdk", "vpc", "vdi", "luks"):
             options["backing-fmt"] = ov.base.driver
-        await mon.run_job(
-            "blockdev-create", {"job-id": f"{ov.node_name}-cq", "options": options}, timeout=jt
-        )
-        ov.step = _Step.NODE
-        await mon.execute(
-            "blockdev-add",
-            {"driver": "qcow2", "node-name": ov.node_name, "file": ov.file_node_name, "backing": None},
-            timeout=ct,
-        )
-        self.state.overlay_added(ov.node_name)
+        return options
 
     # --- the window -----------------------------------------------------------------------
 
@@ -1326,14 +1461,19 @@ class _Operation:
     def _window_reason(self) -> str:
         return f"the freeze window exceeded freeze_timeout ({self.freeze_timeout:g}s)"
 
+    def _actions(self) -> list[dict[str, Any]]:
+        """Hook (:mod:`qmpagent.backup` overrides it): the actions of the one transaction
+        inside the window."""
+        return [
+            {"type": "blockdev-snapshot", "data": {"node": o.node, "overlay": o.node_name}}
+            for o in self.overlays
+        ]
+
     async def _transaction(self, deadline: float | None) -> None:
         """Send the transaction; ``deadline``: when the freeze window closes (None: not
         frozen by us, ``command_timeout``)."""
         st = self.state
-        actions = [
-            {"type": "blockdev-snapshot", "data": {"node": o.node, "overlay": o.node_name}}
-            for o in self.overlays
-        ]
+        actions = self._actions()
         if deadline is None:
             timeout = self.t.command
         else:
@@ -1406,6 +1546,15 @@ class _Operation:
         # preferred: a crash-consistent snapshot, unfrozen.
         await self._transaction(None)
 
+    async def _applied(self, nodes: Mapping[str, BlockNode]) -> bool:
+        """Hook (:mod:`qmpagent.backup` overrides it): whether the transaction was applied,
+        asked after it (QMP runs commands in order). Raises MonitorError."""
+        # The transaction is atomic: the first overlay tells for all. It was added with
+        # backing: null, so it reports a backing file only once blockdev-snapshot attached
+        # it. (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
+        ov = nodes.get(self.overlays[0].node_name)
+        return ov is not None and _checked_node(ov).backing_file is not None
+
     async def _learn_transaction(self) -> bool:
         """Whether a transaction whose reply was not seen was applied: SENT -> APPLIED or
         NOT_APPLIED. QMP runs commands in order, so the query is answered after it. Raises
@@ -1414,11 +1563,7 @@ class _Operation:
         try:
             with anyio.fail_after(self.t.command):
                 nodes = await self._block_nodes()
-            # The transaction is atomic: the first overlay tells for all. It was added with
-            # backing: null, so it reports a backing file only once blockdev-snapshot attached
-            # it. (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
-            ov = nodes.get(self.overlays[0].node_name)
-            applied = ov is not None and _checked_node(ov).backing_file is not None
+                applied = await self._applied(nodes)
         except (TimeoutError, MonitorError) as exc:
             st.transaction_outcome(TransactionState.UNKNOWN)
             raise self._fail(

@@ -73,6 +73,8 @@ class Phase(_StrEnum):
     FREEZE = "freeze"
     TRANSACTION = "transaction"
     THAW = "thaw"
+    #: A backup's copy (its jobs, after the thaw).
+    COPY = "copy"
     CLEANUP = "cleanup"
 
 

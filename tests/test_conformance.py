@@ -956,6 +956,153 @@ async def test_qmp_transaction_atomic_and_busy_bytes(peer: Peer) -> None:
         assert drive == b'{"return": "tov0"}\r\n'
 
 
+async def _make_target(mon: Monitor, peer: Peer, name: str, size: int = 64 << 20,
+                       backing: Path | None = None) -> Path:
+    """A backup target like the orchestrator's: qcow2 (on the previous backup, if given),
+    attached with ``backing: null``."""
+    path = peer.workdir / f"{name}.qcow2"
+    await mon.run_job("blockdev-create", _create(f"{name}-c", {
+        "driver": "file", "filename": str(path), "size": 0}))
+    await mon.execute("blockdev-add", {"driver": "file", "filename": str(path),
+                                       "node-name": f"{name}f"})
+    options: dict[str, Any] = {"driver": "qcow2", "file": f"{name}f", "size": size}
+    if backing is not None:
+        options.update({"backing-file": str(backing), "backing-fmt": "qcow2"})
+    await mon.run_job("blockdev-create", _create(f"{name}-q", options))
+    await mon.execute("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                       "file": f"{name}f", "backing": None})
+    return path
+
+
+def _backup(job: str, target: str, sync: str = "full", **extra: Any) -> dict[str, Any]:
+    return {"type": "blockdev-backup", "data": {"job-id": job, "device": "disk1", "target": target,
+                                                "sync": sync, "auto-dismiss": False, **extra}}
+
+
+async def _bitmaps(mon: Monitor, node: str) -> dict[str, dict[str, Any]]:
+    nodes = {n["node-name"]: n for n in await mon.execute("query-named-block-nodes", {"flat": True})}
+    return {b["name"]: b for b in nodes[node].get("dirty-bitmaps", [])}
+
+
+async def _concluded(mon: Monitor, job_id: str) -> dict[str, Any]:
+    """Wait for a backup job to conclude; its query-jobs entry then (before its dismissal)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        jobs = {j["id"]: j for j in await mon.execute("query-jobs")}
+        if jobs[job_id]["status"] == "concluded":
+            await mon.execute("job-dismiss", {"id": job_id})
+            return dict(jobs[job_id])
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not conclude")
+
+
+async def test_qmp_backup_bitmaps_and_jobs(peer: Peer) -> None:
+    """Issue 15's commands: persistent dirty bitmaps, blockdev-backup in a transaction with
+    a bitmap-add, a full and an incremental job (type, progress), and their errors."""
+    async with monitor(peer) as mon:
+        full = await _make_target(mon, peer, "bkf")
+        small = await _make_target(mon, peer, "bks", size=1 << 20)
+        inc = await _make_target(mon, peer, "bki", backing=full)
+
+        async def error(command: str, args: dict[str, Any]) -> str:
+            with pytest.raises(MonitorCommandError) as info:
+                await mon.execute(command, args)
+            assert info.value.error_class == "GenericError"
+            return info.value.desc
+
+        try:
+            assert await mon.execute("block-dirty-bitmap-add", {
+                "node": "disk1", "name": "cb", "persistent": True}) == {}
+            bm = (await _bitmaps(mon, "disk1"))["cb"]
+            assert {k: v for k, v in bm.items() if k != "count"} == {
+                "name": "cb", "recording": True, "persistent": True, "busy": False,
+                "granularity": 65536}
+            assert isinstance(bm["count"], int)
+            assert await error("block-dirty-bitmap-add", {"node": "disk1", "name": "cb"}) == (
+                "Bitmap already exists: cb")
+            assert await error("block-dirty-bitmap-add", {"node": "nonode", "name": "cb"}) == (
+                "Cannot find device='nonode' nor node-name='nonode'")
+            assert await error("block-dirty-bitmap-remove", {"node": "disk1", "name": "nope"}) == (
+                "Dirty bitmap 'nope' not found")
+            assert await error("block-dirty-bitmap-clear", {"node": "nonode", "name": "cb"}) == (
+                "Node 'nonode' not found")
+            for actions, desc in [
+                ([_backup("bj", "bki", "incremental")],
+                 "must provide a valid bitmap name for 'incremental' sync mode"),
+                ([_backup("bj", "bki", "incremental", bitmap="zz")], "Bitmap 'zz' could not be found"),
+                ([_backup("bj", "bks")], "Source and target image have different sizes"),
+                ([_backup("bj", "bkf"), _backup("bj", "bki")], "Job ID 'bj' already in use"),
+            ]:
+                assert await error("transaction", {"actions": actions}) == desc, actions
+                assert not await mon.execute("query-jobs")  # all or nothing
+            # The full backup and the bitmap that starts with it, in one transaction.
+            assert await mon.execute("transaction", {"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {
+                    "node": "disk1", "name": "cb2", "persistent": True}},
+                _backup("bjf", "bkf")]}) == {}
+            job = await _concluded(mon, "bjf")
+            assert (job["type"], job["current-progress"], job["total-progress"]) == (
+                "backup", 64 << 20, 64 << 20)
+            assert "error" not in job
+            # The incremental, since it: on-success; the bitmap is free again afterwards.
+            assert await mon.execute("transaction", {"actions": [
+                _backup("bji", "bki", "incremental", bitmap="cb2")]}) == {}
+            job = await _concluded(mon, "bji")
+            assert job["type"] == "backup" and "error" not in job
+            assert job["current-progress"] == job["total-progress"]
+            bm2 = (await _bitmaps(mon, "disk1"))["cb2"]
+            assert bm2["busy"] is False and bm2["persistent"] is True
+            # merge, clear and remove, as commands.
+            assert await mon.execute("block-dirty-bitmap-merge", {
+                "node": "disk1", "target": "cb", "bitmaps": ["cb2"]}) == {}
+            assert await mon.execute("block-dirty-bitmap-clear", {"node": "disk1", "name": "cb"}) == {}
+            assert (await _bitmaps(mon, "disk1"))["cb"]["count"] == 0 or peer.kind != "fake"
+        finally:
+            for name in ("cb", "cb2"):
+                with contextlib.suppress(MonitorCommandError):
+                    await mon.execute("block-dirty-bitmap-remove", {"node": "disk1", "name": name})
+            for name in ("bki", "bkif", "bkf", "bkff", "bks", "bksf"):
+                with contextlib.suppress(MonitorCommandError):
+                    await mon.execute("blockdev-del", {"node-name": name})
+            for path in (full, small, inc):
+                path.unlink(missing_ok=True)
+        assert await _bitmaps(mon, "disk1") == {}
+
+
+async def test_qmp_nbd_exports(peer: Peer) -> None:
+    """Pull mode's commands: QEMU's NBD server on a unix socket, a read-only block export,
+    its listing and removal, and their errors."""
+    sock = str(peer.workdir / "cnbd.sock")
+    async with monitor(peer) as mon:
+
+        async def error(command: str, args: dict[str, Any] | None = None) -> str:
+            with pytest.raises(MonitorCommandError) as info:
+                await mon.execute(command, args)
+            assert info.value.error_class == "GenericError"
+            return info.value.desc
+
+        assert await error("nbd-server-stop") == "NBD server not running"
+        assert await mon.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": sock}}}) == {}
+        try:
+            assert await error("nbd-server-start", {
+                "addr": {"type": "unix", "data": {"path": sock}}}) == "NBD server already running"
+            export = {"type": "nbd", "id": "ce", "node-name": "disk1", "name": "vblk1", "writable": False}
+            assert await mon.execute("block-export-add", export) == {}
+            assert await error("block-export-add", export) == "Block export id 'ce' is already in use"
+            assert await mon.execute("query-block-exports") == [
+                {"type": "nbd", "id": "ce", "node-name": "disk1", "shutting-down": False}]
+            assert await mon.execute("block-export-del", {"id": "ce", "mode": "hard"}) == {}
+            for _ in range(int(TIMEOUT / 0.02)):  # the deletion completes asynchronously
+                if not await mon.execute("query-block-exports"):
+                    break
+                await asyncio.sleep(0.02)
+            assert await mon.execute("query-block-exports") == []
+            assert await error("block-export-del", {"id": "ce"}) == "Export 'ce' is not found"
+        finally:
+            await mon.execute("nbd-server-stop")
+
+
 async def test_orchestrator_observable_results(peer: Peer) -> None:
     def tokenless(text: str) -> str:
         return re.sub(r"qa[0-9a-f]{8}", "qa<T>", text)

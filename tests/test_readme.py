@@ -33,7 +33,7 @@ def cli_tour() -> list[list[str]]:
 
 def test_the_tour_covers_every_subcommand() -> None:
     used = {words[0] for words in cli_tour()}
-    assert {"agent", "qmp", "snapshot", "chain", "commit"} <= used
+    assert {"agent", "qmp", "snapshot", "chain", "commit", "backup"} <= used
 
 
 async def test_readme_cli_tour_runs_as_written(qemu_guest: Guest) -> None:

@@ -28,8 +28,8 @@ def new() -> SnapshotState:
 
 def test_phase_names_are_the_strings_on_phase_always_received() -> None:
     assert [p.value for p in Phase] == [
-        "preflight", "prepare", "freeze", "transaction", "thaw", "cleanup"
-    ]
+        "preflight", "prepare", "freeze", "transaction", "thaw", "copy", "cleanup"
+    ]  # "copy": a backup's, after the thaw
     for p in Phase:
         assert p == p.value and str(p) == p.value and f"{p}" == p.value
         assert json.dumps(p) == json.dumps(p.value)

@@ -37,6 +37,9 @@ class ExitCode(enum.IntEnum):
     #: ``commit``: the commit did not finish (the error says where the VM runs: on its active
     #: layer, or on the base with merged nodes left); run it again to finish.
     COMMIT_FAILED = 9
+    #: ``backup``: the backup did not complete (refused, failed, timed out, or not quiesced
+    #: under ``--quiesce required``); its files were removed, no tracked change was lost.
+    BACKUP_FAILED = 10
     #: Interrupted by SIGINT (Ctrl-C). A freeze made by this command is thawed first.
     INTERRUPTED = 130
     #: Terminated by SIGTERM. A freeze made by this command is thawed first.
@@ -55,6 +58,7 @@ EXIT_CODE_HELP: Final[dict[ExitCode, str]] = {
     ExitCode.SNAPSHOT_FAILED: "snapshot failed (or not quiesced under --quiesce required)",
     ExitCode.THAW_FAILED: "THAW FAILED: THE GUEST MAY STILL BE FROZEN; check and thaw by hand",
     ExitCode.COMMIT_FAILED: "commit did not finish (the VM runs on a valid chain; see the message)",
+    ExitCode.BACKUP_FAILED: "backup did not complete (its files removed, no tracked change lost)",
     ExitCode.INTERRUPTED: "interrupted (SIGINT); a freeze of ours is thawed first",
     ExitCode.TERMINATED: "terminated (SIGTERM); a freeze of ours is thawed first",
 }

@@ -17,6 +17,8 @@ from ..errors import (
     AgentCommandError,
     AgentTimeout,
     AgentUnavailable,
+    BackupChainError,
+    BackupError,
     CommitError,
     CommitTimeout,
     JobReadyTimeout,
@@ -94,6 +96,21 @@ def _snapshot_detail(exc: SnapshotError, agent: object) -> str:
     return f"{rec.phase}: {exc} ({what})"
 
 
+def _backup_detail(exc: BackupError, agent: object) -> str:
+    rec = exc.record
+    left = [f for f in rec.files_created if f not in rec.files_removed]
+    what = f"files left behind: {', '.join(left)}" if left else "its files were removed"
+    return f"{rec.phase}: {exc} ({what}; no tracked change was lost)"
+
+
+def _backup_fields(exc: BackupError) -> dict[str, Any]:
+    return {"stage": exc.stage, "record": dataclasses.asdict(exc.record)}
+
+
+def _chain_fields(exc: BackupChainError) -> dict[str, Any]:
+    return {"disk": exc.disk, "since": exc.since, "why": exc.why}
+
+
 def _unsettled_detail(exc: UnsettledOperationError, agent: object) -> str:
     how = f" --agent {address_text(agent)}" if agent is not None else ""
     return f"{_snapshot_detail(exc, agent)}; settle it with `{PROG} recover --qmp ...{how}`"
@@ -140,6 +157,9 @@ _TIMEOUT: Final = ErrorRow(ExitCode.TIMEOUT, "timeout: ")
 ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
     ThawError: ErrorRow(ExitCode.THAW_FAILED, "THAW FAILED - THE GUEST MAY STILL BE FROZEN ",
                         _thaw_detail, _record, label=""),
+    # Before SnapshotError's row (its base): a backup's failure says what a backup left.
+    BackupError: ErrorRow(ExitCode.BACKUP_FAILED, "backup failed in ", _backup_detail,
+                          _backup_fields, label=""),
     SnapshotError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot failed in ", _snapshot_detail,
                             _record, label=""),
     UnsettledOperationError: ErrorRow(ExitCode.SNAPSHOT_FAILED, "snapshot refused in ",
@@ -151,6 +171,7 @@ ERRORS: Final[dict[type[BaseException], ErrorRow]] = {
     CommitTimeout: ErrorRow(ExitCode.TIMEOUT, "timeout: ", fields=_commit_fields),
     CommitError: ErrorRow(ExitCode.COMMIT_FAILED, fields=_commit_fields, label=""),
     UnknownMountpointError: ErrorRow(ExitCode.USAGE, fields=_mountpoint_fields),
+    BackupChainError: ErrorRow(ExitCode.USAGE, fields=_chain_fields),
     UsageError: ErrorRow(ExitCode.USAGE),
     AgentUnavailable: ErrorRow(ExitCode.AGENT_UNAVAILABLE, "guest agent unavailable: "),
     MonitorUnavailable: ErrorRow(ExitCode.QMP_UNAVAILABLE, "QMP unavailable: "),

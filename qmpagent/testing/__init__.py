@@ -16,6 +16,9 @@ Nothing in the library imports this package.
 * :class:`FakeVM`: the two wired together like QEMU and its guest (agent port state and
   ``VSERPORT_CHANGE``, shutdown, reboot, pause, disks as real qcow2 files), so
   :class:`qmpagent.SnapshotOrchestrator` runs against it unchanged.
+* :func:`check_backup_chain` and :func:`read_backup_file`: check a backup chain with
+  ``qemu-img`` (opens, ``qemu-img check``, one format and size) and read a file (the writer's
+  log) out of a backup of the test guest's ext4 disk.
 * The pytest plugin (:mod:`qmpagent.testing.pytest_plugin`), loaded automatically when qmpagent
   is installed: fixtures ``fake_vm`` and ``fake_vm_factory`` (fakes), ``qemu_guest`` and
   ``qemu_guest_factory`` (a real guest), marker ``real_vm``.
@@ -23,6 +26,7 @@ Nothing in the library imports this package.
 See ``docs/testing.md``.
 """
 
+from .backup_check import BackupChainReport, check_backup_chain, read_backup_file
 from .fake_agent import (
     AgentFault,
     AgentFaultKind,
@@ -36,6 +40,9 @@ from .fake_agent import (
     qemu_json,
 )
 from .fake_qmp import (
+    FakeBackupJob,
+    FakeBackups,
+    FakeBitmap,
     FakeBlockDevice,
     FakeBlockNode,
     FakeCall,
@@ -74,9 +81,13 @@ __all__ = [
     "AgentFaultKind",
     "AgentInjection",
     "AgentMessage",
+    "BackupChainReport",
     "CommandResult",
     "FakeAgent",
     "FakeAgentError",
+    "FakeBackupJob",
+    "FakeBackups",
+    "FakeBitmap",
     "FakeBlockDevice",
     "FakeBlockNode",
     "FakeCall",
@@ -107,10 +118,12 @@ __all__ = [
     "WriterLog",
     "boot_guest",
     "build_guest_image",
+    "check_backup_chain",
     "create_qcow2_image",
     "default_cache_dir",
     "default_peer_name",
     "get_peer",
     "qemu_json",
+    "read_backup_file",
     "read_qcow2_header",
 ]

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ._block_graph import BlockLayer
+from ._qmp_backup import BACKUP_ACTIONS
 from ._qmp_error import FakeQMPError, generic_error
 
 if TYPE_CHECKING:  # the server imports this module: its types only for the checker
@@ -180,7 +181,7 @@ def block_handlers(block: BlockLayer, start_job: JobStarter) -> dict[str, Handle
         call.server.blockdev_del(name)
         return {}
 
-    def transaction(call: FakeCall) -> dict[str, Any]:
+    async def transaction(call: FakeCall) -> dict[str, Any]:
         no_arguments(call, "actions", "properties")
         actions = call.arguments.get("actions")
         if actions is None:
@@ -190,6 +191,10 @@ def block_handlers(block: BlockLayer, start_job: JobStarter) -> dict[str, Handle
         for i, action in enumerate(actions):
             if not isinstance(action, dict):
                 raise generic_error(f"Invalid parameter type for 'actions[{i}]', expected: object")
+        if any(action.get("type") in BACKUP_ACTIONS for action in actions):
+            backups = call.server.backups
+            await backups.start(backups.transaction(actions))
+            return {}
         call.server.snapshot(actions)
         return {}
 

@@ -80,6 +80,7 @@ from ._faults import QMP_KINDS, Fault, FaultKind, FaultTable, Injection
 from ._json_reader import QEMUJSONStreamParser
 from ._json_writer import qemu_json
 from ._qcow2 import Qcow2Header, create_qcow2_image, read_qcow2_header
+from ._qmp_backup import FakeBackupJob, FakeBackups, FakeBitmap
 from ._qmp_commands import BUILTIN_HANDLERS, block_handlers
 from ._qmp_commit import FakeCommitJob, commit_handlers
 from ._qmp_error import FakeQMPError
@@ -88,6 +89,9 @@ from ._qmp_jobs import FakeJob, JobRunner, JobWork
 from ._server import AsyncService, SocketListener
 
 __all__ = [
+    "FakeBackupJob",
+    "FakeBackups",
+    "FakeBitmap",
     "FakeBlockDevice",
     "FakeBlockNode",
     "FakeCall",
@@ -532,6 +536,12 @@ class FakeQMPServer(AsyncService):
             self.add_serial_port("qgaport0", AGENT_PORT_NAME, "qga0", open=agent_port_open)
         if disk:
             self.add_disk("disk0", "file0", "/fake/data0.qcow2", "vblk0")
+        #: Dirty bitmaps and backup jobs (a :class:`FakeBackups`; ``blockdev-backup`` runs in a
+        #: ``transaction``).
+        self.backups = FakeBackups(self)
+        if block_commands:
+            self.handlers.update(self.backups.handlers(
+                self.handlers["query-named-block-nodes"], self.handlers.get("blockdev-del")))
 
     def __repr__(self) -> str:
         return f"<FakeQMPServer {self.address!r} connections={len(self.connections)}>"

@@ -51,6 +51,7 @@ freeze state is reset); the disks' contents; memory, CPUs and every other device
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import shutil
@@ -579,12 +580,14 @@ class FakeVM(AsyncService):
         base_transaction = qmp.handlers["transaction"]
         base_chardev = qmp.handlers["query-chardev"]
 
-        def transaction(call: FakeCall) -> Any:
+        async def transaction(call: FakeCall) -> Any:
             agent = self.agent
             frozen, mounts = agent.frozen, tuple(agent.frozen_mountpoints)
             actions = call.arguments.get("actions")
             try:
                 result = base_transaction(call)
+                if inspect.isawaitable(result):  # one with backup actions starts jobs
+                    result = await result
             except FakeQMPError as exc:
                 self.transactions.append(
                     TransactionRecord(_copy_list(actions), exc.desc, frozen, mounts, time.monotonic())
