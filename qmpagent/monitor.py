@@ -48,6 +48,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from qemu.qmp import QMPClient, Runstate
+from qemu.qmp.protocol import ConnectError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 from . import _addresses
 from ._closing import AsyncClosing
@@ -230,11 +232,9 @@ class Monitor(AsyncClosing):
         """
         addr = _address(address)
         close_timeout = _check_close_timeout(close_timeout)
-        client = QMPClient(name)
-        silence_default_listener(client)  # before any event can arrive
         with map_qmp_errors(CONNECT_ERRORS, addr, timeout=timeout):
             async with deadline(timeout):
-                await client.connect(addr)
+                client = await _connect_client(addr, name)
         log.debug("connected to QMP at %r", addr)
         return cls(client, command_timeout=command_timeout, event_queue_size=event_queue_size,
                    close_timeout=close_timeout)
@@ -691,3 +691,42 @@ def _check_close_timeout(value: object) -> float:
     ):
         raise UsageError(f"close_timeout must be a finite number of seconds >= 0, not {value!r}")
     return float(value)
+
+
+#: How many more times a connect is tried when QEMU ended the session it had just accepted.
+_SESSION_RETRIES: Final = 3
+_SESSION_RETRY_PAUSE: Final = 0.05
+
+
+def _session_ended_early(exc: ConnectError) -> bool:
+    """Whether QEMU accepted the connection and then hung up or refused the negotiation.
+
+    QEMU's QMP socket serves one client at a time, and a client that connects just as the
+    previous one leaves can be hung up on, or told that negotiation "is already complete",
+    while QEMU is still tearing the previous session down (seen on QEMU 7.2 with back-to-back
+    ``qmpagent`` commands). That passes in a moment; a socket that is not QMP at all fails
+    every attempt the same way and is reported as before."""
+    cause: BaseException = exc.exc
+    if isinstance(cause, NegotiationError):
+        return True
+    if isinstance(cause, GreetingError):  # hung up before the greeting; not garbage instead
+        cause = cause.exc
+    return isinstance(cause, (EOFError, ConnectionResetError))
+
+
+async def _connect_client(addr: str | tuple[str, int], name: str | None) -> QMPClient:
+    """A connected ``QMPClient`` (see :func:`_session_ended_early` for the retries); the
+    caller bounds the whole of it."""
+    attempt = 0
+    while True:
+        client = QMPClient(name)
+        silence_default_listener(client)  # before any event can arrive
+        try:
+            await client.connect(addr)
+            return client
+        except ConnectError as exc:
+            if attempt >= _SESSION_RETRIES or not _session_ended_early(exc):
+                raise
+            attempt += 1
+            log.debug("QMP at %r ended the session at once (%s); again", addr, exc)
+        await asyncio.sleep(_SESSION_RETRY_PAUSE)

@@ -28,19 +28,22 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
+from qemu.qmp.protocol import ConnectError
 
 from ..errors import QMPAgentError
 from ..monitor import AGENT_PORT_NAME
 from .image import GuestBuildError, GuestImage, build_guest_image, resolve_peer
 from .peer import Peer, PeerError
+
+_T = TypeVar("_T")
 
 __all__ = [
     "AGENT_PORT_NAME",
@@ -313,6 +316,21 @@ async def _wait_for_socket(path: Path, proc: asyncio.subprocess.Process, deadlin
         await asyncio.sleep(0.01)
 
 
+async def _until_listening(connect: Callable[[], Awaitable[_T]], proc: asyncio.subprocess.Process) -> _T:
+    """``connect()``, again while it is refused: QEMU creates a server socket's file when it
+    binds it and listens on it a moment later, so a connect in between (a loaded machine makes
+    it likely) is refused although QEMU is fine. The caller bounds the whole wait."""
+    while True:
+        try:
+            return await connect()
+        except (ConnectionRefusedError, ConnectError) as exc:
+            refused = isinstance(exc, ConnectionRefusedError) or isinstance(
+                exc.exc, ConnectionRefusedError)
+            if not refused or proc.returncode is not None:
+                raise
+        await asyncio.sleep(0.02)
+
+
 async def _agent_port_open(qmp: QMPClient, chardev: str) -> bool:
     chardevs = await qmp.execute("query-chardev")
     assert isinstance(chardevs, list)
@@ -475,11 +493,12 @@ async def boot_guest(
             with anyio.fail_after(boot_timeout):
                 await _wait_for_socket(rig_qmp, proc, deadline)
                 await _wait_for_socket(control, proc, deadline)
-                reader, writer_ = await asyncio.open_unix_connection(str(control))
+                reader, writer_ = await _until_listening(
+                    lambda: asyncio.open_unix_connection(str(control)), proc)
                 guest._control = _ControlChannel(reader, writer_)
                 qmp = QMPClient("qmpagent-rig")
                 try:
-                    await qmp.connect(str(rig_qmp))
+                    await _until_listening(lambda: qmp.connect(str(rig_qmp)), proc)
                     guest.qemu_version = _qemu_version(qmp)
                     if wait_for_agent and not paused:
                         await _wait_agent_port(qmp, guest.agent_chardev, proc)
