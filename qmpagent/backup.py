@@ -72,11 +72,10 @@ from .snapshot import (
     SnapshotOrchestrator,
     SnapshotResult,
     _all_or_none,
-    _check_absent,
+    _new_image_paths,
     _Operation,
     _Overlay,
     _overlay_path,
-    _path_identities,
     _quiesce_mode,
     _seconds,
     _Timeouts,
@@ -629,19 +628,9 @@ def backup_operation(
         raise UsageError(f"speed must be a positive number of bytes per second or None, not {speed!r}")
     if on_progress is not None and not callable(on_progress):
         raise UsageError("on_progress must be callable or None")
-    if not isinstance(targets, Mapping) or not targets:
-        raise UsageError("targets must be a non-empty mapping of disk to target path")
-    paths: dict[str, str] = {}
-    seen: set[tuple[object, ...]] = set()
-    for key, path in targets.items():
-        if not isinstance(key, str):
-            raise UsageError(f"bad target entry {key!r}: {path!r} (expected str: path)")
-        paths[key] = checked = _overlay_path(key, path)
-        ids = _path_identities(checked)
-        if ids & seen:
-            raise UsageError(f"target {checked!r} is the same file as another disk's target")
-        seen |= ids
-        _check_absent(checked)
+    paths = _new_image_paths(
+        targets, empty="targets must be a non-empty mapping of disk to target path",
+        entry="target", kind="target")
     chosen: dict[str, str] = {}
     if since is not None:
         if not isinstance(since, Mapping):

@@ -277,6 +277,27 @@ def _path_identities(path: str) -> set[tuple[object, ...]]:
     return ids
 
 
+def _new_image_paths(images: object, *, empty: str, entry: str, kind: str) -> dict[str, str]:
+    """The checked paths of the images an operation is to create (overlays, backup targets):
+    each a new file, none the same file as another's; UsageError otherwise. ``empty`` is the
+    message for a mapping that is not one or is empty, ``entry`` and ``kind`` name an entry
+    and its file in the others."""
+    if not isinstance(images, Mapping) or not images:
+        raise UsageError(empty)
+    paths: dict[str, str] = {}
+    seen: set[tuple[object, ...]] = set()
+    for key, path in images.items():
+        if not isinstance(key, str):
+            raise UsageError(f"bad {entry} entry {key!r}: {path!r} (expected str: path)")
+        paths[key] = checked = _overlay_path(key, path)
+        ids = _path_identities(checked)
+        if ids & seen:
+            raise UsageError(f"{kind} {checked!r} is the same file as another disk's {kind}")
+        seen |= ids
+        _check_absent(checked)
+    return paths
+
+
 def _check_absent(path: str) -> None:
     """UsageError unless ``path`` is known not to exist (never overwrite a file)."""
     try:
@@ -426,19 +447,9 @@ class SnapshotOrchestrator:
         if chosen is not None and mode is Quiesce.OFF:
             raise UsageError('mountpoints= chooses what to freeze: it makes no sense with quiesce="off"')
         timeouts = self._timeouts()
-        if not isinstance(disks, Mapping) or not disks:
-            raise UsageError("disks must be a non-empty mapping of node name to overlay path")
-        paths: dict[str, str] = {}
-        seen: set[tuple[object, ...]] = set()
-        for key, path in disks.items():
-            if not isinstance(key, str):
-                raise UsageError(f"bad disk entry {key!r}: {path!r} (expected str: path)")
-            paths[key] = checked = _overlay_path(key, path)
-            ids = _path_identities(checked)
-            if ids & seen:
-                raise UsageError(f"overlay {checked!r} is the same file as another disk's overlay")
-            seen |= ids
-            _check_absent(checked)
+        paths = _new_image_paths(
+            disks, empty="disks must be a non-empty mapping of node name to overlay path",
+            entry="disk", kind="overlay")
         async with self._busy:
             op = _Operation(self, mode, timeout, on_phase, timeouts)
             op.mountpoints = chosen

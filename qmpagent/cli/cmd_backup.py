@@ -12,9 +12,9 @@ from ..agent import AgentAddress
 from ..backup import BackupResult
 from ..block_jobs import JobProgress
 from ..monitor import Monitor
-from ..snapshot import SnapshotOrchestrator
 from . import argtypes
 from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
+from .cmd_snapshot import add_journal_option, orchestrator
 from .command import ADDRESS_HELP, Command, CommonOptions
 from .connect import closing
 from .exit_codes import ExitCode, exit_code_help
@@ -56,6 +56,7 @@ class BackupOptions(CommonOptions):
     job_timeout: float
     connect_timeout: float
     agent_chardev: str | None
+    journal: str | None
 
     def usage_problem(self) -> str | None:
         """``--qmp`` is required; no disk twice; ``--since`` only for a ``--disk``."""
@@ -102,6 +103,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
     p.add_argument("--agent-chardev", metavar="ID",
                    help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
+    add_journal_option(p)
 
 
 def _summary(result: BackupResult) -> str:
@@ -174,15 +176,7 @@ async def _run(opts: BackupOptions) -> int:
     async with closing(await Monitor.connect(
         opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.command_timeout, name="cli"
     )) as mon:
-        orch = SnapshotOrchestrator(
-            mon,
-            agent=opts.agent,
-            agent_timeout=opts.agent_timeout,
-            thaw_timeout=opts.thaw_timeout,
-            command_timeout=opts.command_timeout,
-            job_timeout=opts.job_timeout,
-            agent_chardev=opts.agent_chardev,
-        )
+        orch = orchestrator(mon, opts)
         result = await orch.backup(
             disks,
             since=since,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Final
+from typing import Final, Protocol
 
 from ..agent import AgentAddress
 from ..monitor import Monitor
@@ -17,7 +17,7 @@ from .connect import closing
 from .exit_codes import ExitCode, exit_code_help
 from .output import PROG, emit_json, err, ms, out, tty
 
-__all__ = ["SNAPSHOT", "SnapshotOptions"]
+__all__ = ["SNAPSHOT", "OrchestratorFields", "SnapshotOptions", "add_journal_option", "orchestrator"]
 
 _PHASES: Final = ("preflight", "prepare", "freeze", "transaction", "thaw", "cleanup")
 
@@ -30,6 +30,46 @@ _TIMEOUTS: Final = (
     ("--job-timeout", 120.0, "each overlay-creating job (default 120)"),
     ("--connect-timeout", 10.0, "the QMP connect and handshake (default 10)"),
 )
+
+
+class OrchestratorFields(Protocol):
+    """The options an orchestrator is made from, shared by ``snapshot`` and ``backup``."""
+
+    @property
+    def agent(self) -> AgentAddress | None: ...
+    @property
+    def agent_timeout(self) -> float: ...
+    @property
+    def thaw_timeout(self) -> float: ...
+    @property
+    def command_timeout(self) -> float: ...
+    @property
+    def job_timeout(self) -> float: ...
+    @property
+    def agent_chardev(self) -> str | None: ...
+    @property
+    def journal(self) -> str | None: ...
+
+
+def orchestrator(mon: Monitor, opts: OrchestratorFields) -> SnapshotOrchestrator:
+    """The orchestrator of a ``snapshot`` or ``backup`` command, on ``mon``."""
+    return SnapshotOrchestrator(
+        mon,
+        agent=opts.agent,
+        agent_timeout=opts.agent_timeout,
+        thaw_timeout=opts.thaw_timeout,
+        command_timeout=opts.command_timeout,
+        job_timeout=opts.job_timeout,
+        agent_chardev=opts.agent_chardev,
+        journal_dir=opts.journal,
+    )
+
+
+def add_journal_option(p: argparse.ArgumentParser) -> None:
+    """``--journal DIR``: where the operation's crash-safety journal is kept."""
+    p.add_argument("--journal", metavar="DIR",
+                   help="the crash-safety journal's directory (default $XDG_STATE_HOME/qmpagent); "
+                   f"`{PROG} recover` reads it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +119,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "guest does not have is refused before anything is frozen")
     p.add_argument("--agent-chardev", metavar="ID",
                    help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
-    p.add_argument("--journal", metavar="DIR",
-                   help="the crash-safety journal's directory (default $XDG_STATE_HOME/qmpagent); "
-                   f"`{PROG} recover` reads it")
+    add_journal_option(p)
 
 
 def _summary(result: SnapshotResult) -> str:
@@ -127,16 +165,7 @@ async def _run(opts: SnapshotOptions) -> int:
     async with closing(await Monitor.connect(
         opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.command_timeout, name="cli"
     )) as mon:
-        orch = SnapshotOrchestrator(
-            mon,
-            agent=opts.agent,
-            agent_timeout=opts.agent_timeout,
-            thaw_timeout=opts.thaw_timeout,
-            command_timeout=opts.command_timeout,
-            job_timeout=opts.job_timeout,
-            agent_chardev=opts.agent_chardev,
-            journal_dir=opts.journal,
-        )
+        orch = orchestrator(mon, opts)
         result = await orch.snapshot(
             disks,
             quiesce=opts.quiesce,
