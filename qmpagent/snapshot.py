@@ -538,6 +538,7 @@ class SnapshotOrchestrator:
         timeout: float | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         speed: int | None = None,
+        durable: bool = True,
     ) -> BackupResult:
         """Back up ``targets``: a point-in-time copy of each disk, application-consistent (the
         guest frozen only while one ``transaction`` starts the copy jobs), returned when the
@@ -568,6 +569,11 @@ class SnapshotOrchestrator:
                 ``$XDG_STATE_HOME/qmpagent-backups``); an incremental is allowed only since that one.
             speed: limit each copy job to this many bytes per second (``blockdev-backup``
                 ``speed``), e.g. to spare the guest's I/O; None: no limit.
+            durable: the complete targets are written to stable storage (``fsync`` of each
+                file and its directory) before the backup is reported complete. False leaves
+                that to the operating system, as ``qemu-img convert`` does: faster, but a
+                power loss soon after may lose the backup. (QEMU writes a target without
+                flushing it either way: see :mod:`qmpagent.backup`.)
 
         Returns:
             A :class:`~qmpagent.BackupResult` (``targets``, ``bytes_copied``, ``quiesced``,
@@ -588,7 +594,7 @@ class SnapshotOrchestrator:
             self, targets, since=since, quiesce=quiesce, freeze_timeout=freeze_timeout,
             bitmap=bitmap, on_phase=on_phase, on_progress=on_progress,
             progress_interval=progress_interval, timeout=timeout, state_dir=state_dir,
-            timeouts=self._timeouts(), speed=speed,
+            timeouts=self._timeouts(), speed=speed, durable=durable,
         )
         async with self._busy:
             return await op.run_backup(paths)
@@ -1247,11 +1253,7 @@ class _Operation:
         )
         self.state.file_created(ov.path)
         ov.step = _Step.FILE_NODE
-        await mon.execute(
-            "blockdev-add",
-            {"driver": "file", "filename": ov.path, "node-name": ov.file_node_name},
-            timeout=ct,
-        )
+        await mon.execute("blockdev-add", self._file_options(ov), timeout=ct)
         await mon.run_job(
             "blockdev-create",
             {"job-id": f"{ov.node_name}-cq", "options": self._image_options(ov)},
@@ -1265,6 +1267,11 @@ class _Operation:
             timeout=ct,
         )
         self.state.overlay_added(ov.node_name)
+
+    def _file_options(self, ov: _Overlay) -> dict[str, Any]:
+        """Hook (:mod:`qmpagent.backup` overrides it): the ``blockdev-add`` options of the
+        new image's file node."""
+        return {"driver": "file", "filename": ov.path, "node-name": ov.file_node_name}
 
     def _backing_node(self, ov: _Overlay) -> str | None:
         """Hook (:mod:`qmpagent.fleece` overrides it): the backing node the new image is

@@ -292,7 +292,7 @@ async def test_bad_arguments_are_usage_errors(state: Path) -> None:
             {"targets": {}}, {"targets": {"vblk0": "relative.qcow2"}},
             {"targets": t, "quiesce": "sometimes"}, {"targets": t, "freeze_timeout": 0},
             {"targets": t, "bitmap": ""}, {"targets": t, "timeout": -1},
-            {"targets": t, "progress_interval": float("nan")},
+            {"targets": t, "progress_interval": float("nan")}, {"targets": t, "durable": "yes"},
             {"targets": {"vblk0": str(vm.disks[0].path)}},  # exists
             {"targets": {"nosuchdisk": str(vm.workdir / "x.qcow2")}},
         ]
@@ -365,6 +365,70 @@ async def test_speed_limits_the_copy(state: Path) -> None:
         assert vm.qmp.commands("block-job-set-speed")[-1].arguments["speed"] == 256 * MIB
         with pytest.raises(UsageError, match="speed"):
             await orch.backup(targets(vm, "c"), state_dir=state, speed=0)
+
+
+def _fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every file descriptor ``os.fsync`` is given."""
+    paths: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+async def test_targets_are_written_without_flushes_then_made_durable(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsynced = _fsynced(monkeypatch)
+    async with FakeVM(disks=2) as vm, await Monitor.connect(vm.qmp_address) as mon:
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        res = await orch.backup(targets(vm, "b"), state_dir=state)
+        # The targets' file nodes are opened with cache.no-flush (QEMU's qcow2 would flush
+        # them many times a second); the disks' nodes are never touched.
+        files = [c.arguments for c in vm.qmp.commands("blockdev-add")
+                 if c.arguments.get("driver") == "file"]
+        assert [f["filename"] for f in files] == sorted(res.targets.values())
+        assert all(f["cache"] == {"no-flush": True} for f in files)
+        # Once complete and closed, each target and its directory went to stable storage.
+        # (The journal and the chain records fsync their own files, elsewhere.)
+        ours = [p for p in fsynced if p.startswith(str(vm.workdir))]
+        assert sorted(ours) == sorted([*res.targets.values(), str(vm.workdir)])
+        fsynced.clear()
+        fast = await orch.backup(targets(vm, "c"), state_dir=state, durable=False)
+        assert not [p for p in fsynced if p.startswith(str(vm.workdir))]
+        assert set(fast.targets.values()) <= {str(p) for p in vm.new_files()}
+
+
+async def test_a_failed_fsync_fails_the_backup_and_the_next_must_be_full(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FakeVM() as vm, await Monitor.connect(vm.qmp_address) as mon:
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        full = await orch.backup(targets(vm, "full"), state_dir=state)
+
+        real = os.fsync
+
+        def fsync(fd: int) -> None:  # the targets' disk fails (the journal's does not)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(vm.workdir)):
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(BackupError, match=r"stable storage.*Input/output error") as err:
+            await orch.backup(targets(vm, "inc"), since=full.targets, state_dir=state)
+        monkeypatch.undo()
+        assert err.value.stage == "copy"
+        assert err.value.record.files_removed == [str(vm.workdir / "inc0.qcow2")]
+        assert_clean(vm, set(full.targets.values()))
+        # Its job completed (the bitmap was reset): an incremental since the full one would
+        # miss those changes, so it is refused; a full backup starts the chain again.
+        with pytest.raises(BackupChainError):
+            await orch.backup(targets(vm, "inc2"), since=full.targets, state_dir=state)
+        await orch.backup(targets(vm, "full2"), state_dir=state)
 
 
 _DRIVER = """

@@ -156,3 +156,29 @@ async def test_ctrl_c_during_the_copy_exits_130_and_leaves_nothing(tmp_path: Pat
         assert proc.returncode == ExitCode.INTERRUPTED, err
         assert not target.exists() and not vm.new_nodes() and not vm.qmp.jobs
         assert vm.qmp.calls("job-cancel") and not vm.agent.frozen
+
+
+@pytest.mark.parametrize("flags, durable", [((), True), (("--no-fsync",), False)])
+async def test_no_fsync_leaves_the_files_to_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    flags: tuple[str, ...], durable: bool,
+) -> None:
+    from qmpagent import SnapshotOrchestrator
+
+    seen: list[object] = []
+    real = SnapshotOrchestrator.backup
+
+    async def backup(self: SnapshotOrchestrator, *args: object, **kwargs: object) -> object:
+        seen.append(kwargs.get("durable"))
+        return await real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SnapshotOrchestrator, "backup", backup)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    async with FakeVM() as vm:
+        target = tmp_path / "b.qcow2"
+        argv = ["backup", "--qmp", vm.qmp_address, "--agent", vm.agent_address,
+                "--disk", f"vblk0={target}", *flags]
+        # main() runs its own event loop: in a thread, while the fake VM serves in this one.
+        assert await asyncio.to_thread(main, argv) == 0
+    assert seen == [durable]
+    assert target.exists() and "Backup complete" in capsys.readouterr().out

@@ -878,6 +878,13 @@ async def test_qmp_blockdev_add_errors_bytes(peer: Peer) -> None:
                  "Parameter 'driver' does not accept value 'nope'"),
                 ({"driver": "file", "filename": str(junk)},
                  "'node-name' must be specified for the root node"),
+                ({"driver": "file", "filename": str(junk), "node-name": "c1",
+                  "cache": {"no-flush": "yes"}},
+                 "Invalid parameter type for 'cache.no-flush', expected: boolean"),
+                ({"driver": "file", "filename": str(junk), "node-name": "c1",
+                  "cache": {"writeback": True}}, "Parameter 'cache.writeback' is unexpected"),
+                ({"driver": "file", "filename": str(junk), "node-name": "c1", "cache": True},
+                 "Invalid parameter type for 'cache', expected: object"),
             ]
             for arguments, desc in cases:
                 assert await q.request("blockdev-add", arguments) == qerr(desc), arguments

@@ -48,6 +48,7 @@ class BackupOptions(CommonOptions):
     bitmap: str
     no_bitmap: bool
     state_dir: str | None
+    no_fsync: bool
     timeout: float | None
     freeze_timeout: float
     agent_timeout: float
@@ -96,6 +97,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-dir", metavar="DIR",
                    help="where the last backup of each disk is recorded (default "
                    "$XDG_STATE_HOME/qmpagent-backups)")
+    g.add_argument("--no-fsync", action="store_true",
+                   help="do not fsync the complete backup files (faster; as qemu-img convert, "
+                   "a power loss soon after may lose them)")
     t = p.add_argument_group("timeouts (seconds)")
     t.add_argument("--timeout", type=argtypes.seconds, default=None, metavar="SECONDS",
                    help="the longest the copy may take (default: none, but see --job-timeout)")
@@ -188,6 +192,7 @@ async def _run(opts: BackupOptions) -> int:
             progress_interval=0.5,
             timeout=opts.timeout,
             state_dir=opts.state_dir,
+            durable=not opts.no_fsync,
         )
     if opts.json:
         emit_json(dataclasses.asdict(result))

@@ -388,6 +388,18 @@ class BlockLayer:
             if key not in allowed:
                 raise generic_error(f"Parameter '{prefix}{key}' is unexpected")
 
+    @classmethod
+    def _check_cache(cls, cache: object) -> None:
+        """``cache`` as QEMU checks it (BlockdevCacheOptions); the fake's I/O ignores it."""
+        if cache is None:
+            return
+        if not isinstance(cache, dict):
+            raise generic_error("Invalid parameter type for 'cache', expected: object")
+        cls._check_options(cache, frozenset({"direct", "no-flush"}), prefix="cache.")
+        for key, value in cache.items():
+            if not isinstance(value, bool):
+                raise generic_error(f"Invalid parameter type for 'cache.{key}', expected: boolean")
+
     def add(self, options: dict[str, Any], *, auto: bool = False) -> FakeBlockNode:
         """Add a node as ``blockdev-add`` does (``auto``: QEMU names it); return it."""
         driver = options.get("driver")
@@ -400,6 +412,7 @@ class BlockLayer:
         if driver not in _DRIVER_OPTIONS:
             raise generic_error(f"fake QMP: block driver '{driver}' is not modelled")
         self._check_options(options, _COMMON_OPTIONS | _DRIVER_OPTIONS[driver])
+        self._check_cache(options.get("cache"))
         read_only = options.get("read-only", False)
         if not isinstance(read_only, bool):
             raise generic_error("Invalid parameter type for 'read-only', expected: boolean")
