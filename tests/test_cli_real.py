@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -372,3 +373,35 @@ async def test_demo_subcommand() -> None:
     assert r.rc in (OK, 1), r
     assert "Snapshot: NOT quiesced (quiesce is off)" in r.out
     assert "e2fsck -fn of the snapshot's base image: " in r.out
+
+
+async def test_export_subcommand_serves_the_frozen_view_to_a_reader(qemu_guest: Guest) -> None:
+    """``qmpagent export ... -- COMMAND``: the reader (here ``qemu-img convert`` of the NBD URI)
+    copies the view of the freeze while the guest writes on; then everything is removed."""
+    from qmpagent import Monitor
+    from qmpagent.testing import WriterLog, read_backup_file
+
+    g = qemu_guest
+    await g.wait_writer_progress(await g.uptime() + 0.3)
+    image, out = g.workdir / "fleece.qcow2", g.workdir / "pulled.raw"
+    reader = ("import json, os, subprocess, sys; subprocess.run([*json.loads(sys.argv[1]), "
+              "'convert', '-f', 'raw', '-O', 'raw', os.environ['QMPAGENT_NBD_URI'], sys.argv[2]], "
+              "check=True)")
+    r = await qmpagent("export", "--qmp", g.qmp_path, "--agent", g.agent_path,
+                       "--disk", f"vblk0={image}", "--socket", g.workdir / "nbd.sock",
+                       "--", sys.executable, "-c", reader, json.dumps(list(g.command("qemu-img"))),
+                       out, timeout=300)
+    assert r.rc == OK, r
+    assert r.out.startswith("Exported the frozen view, quiesced: froze 1 filesystem(s), thawed 1"), r
+    after = await g.uptime()
+    text, fsck = await read_backup_file(out, "/writer.log", g.workdir / "pulled.scratch",
+                                        qemu_img=g.command("qemu-img"))
+    assert fsck is None, fsck
+    entries = WriterLog.parse(text).entries
+    assert entries and entries[-1][1] < after  # the view of before the command ended
+    assert not image.exists()
+    async with await Monitor.connect(g.qmp_path) as mon:
+        assert await mon.execute("query-block-exports") == []
+        assert await mon.execute("query-jobs") == []
+        assert not [n for n in await mon.named_block_nodes() if "fleece" in (n.filename or "")]
+    out.unlink()

@@ -18,6 +18,7 @@ import anyio
 from .. import __version__
 from .cmd_agent import AGENT
 from .cmd_backup import BACKUP
+from .cmd_export import EXPORT
 from .cmd_guest import BUILD_GUEST, DEMO
 from .cmd_lifecycle import CHAIN, COMMIT
 from .cmd_qmp import QMP
@@ -32,7 +33,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The subcommands, in the order ``qmpagent --help`` lists them. A new command is one more entry.
 COMMANDS: Final[tuple[Command[Any] | Group, ...]] = (
-    AGENT, QMP, SNAPSHOT, BACKUP, CHAIN, COMMIT, RECOVER, DEMO, BUILD_GUEST,
+    AGENT, QMP, SNAPSHOT, BACKUP, EXPORT, CHAIN, COMMIT, RECOVER, DEMO, BUILD_GUEST,
 )
 
 

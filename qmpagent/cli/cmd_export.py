@@ -1,0 +1,204 @@
+"""``qmpagent export``: :meth:`~qmpagent.SnapshotOrchestrator.export` (pull mode, NBD)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+from typing import Final
+
+import anyio
+
+from ..agent import AgentAddress
+from ..fleece import FleeceResult
+from ..monitor import Monitor
+from . import argtypes
+from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
+from .cmd_snapshot import add_journal_option, orchestrator
+from .command import ADDRESS_HELP, Command, CommonOptions
+from .connect import closing
+from .exit_codes import ExitCode, exit_code_help
+from .output import PROG, emit_json, err, ms, out
+
+__all__ = ["EXPORT", "URIS_ENV", "URI_ENV", "ExportOptions"]
+
+#: The environment of a ``-- COMMAND``: the NBD URI of the only disk (unset for several).
+URI_ENV: Final = "QMPAGENT_NBD_URI"
+#: The environment of a ``-- COMMAND``: a JSON object, disk -> NBD URI.
+URIS_ENV: Final = "QMPAGENT_NBD_URIS"
+
+#: The timeouts' options: flag, default (seconds), help.
+_TIMEOUTS: Final = (
+    ("--freeze-timeout", 10.0, "the longest allowed freeze window (default 10)"),
+    ("--agent-timeout", 10.0, "each agent command: sync, ping, status, info, freeze (default 10)"),
+    ("--thaw-timeout", 30.0, "the thaw, retries included (default 30)"),
+    ("--command-timeout", 30.0, "each QMP command (default 30)"),
+    ("--job-timeout", 120.0, "each image-creating job (default 120)"),
+    ("--connect-timeout", 10.0, "the QMP connect and handshake (default 10)"),
+)
+
+#: The exit status when ``-- COMMAND`` cannot be run (as a shell's for a command not found).
+_NOT_RUN: Final = 127
+
+#: How long a ``-- COMMAND`` may take to exit after SIGTERM (when this command is stopped)
+#: before it is killed.
+_CHILD_GRACE: Final = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(CommonOptions):
+    """The options of ``qmpagent export``."""
+
+    qmp: QMPAddress | None
+    agent: AgentAddress | None
+    disk: list[tuple[str, str]]
+    socket: str
+    quiesce: str
+    freeze_timeout: float
+    agent_timeout: float
+    thaw_timeout: float
+    command_timeout: float
+    job_timeout: float
+    connect_timeout: float
+    agent_chardev: str | None
+    journal: str | None
+    argv: list[str]
+
+    def usage_problem(self) -> str | None:
+        """``--qmp`` is required; no disk twice."""
+        if self.qmp is None:
+            return f"--qmp is required (or set ${QMP_ENV})"
+        names = [name for name, _ in self.disk]
+        for name in names:
+            if names.count(name) > 1:
+                return f"--disk {name}=... given twice"
+        return None
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("what to export")
+    argtypes.add_address_option(g, "--qmp", f"QMP socket (${QMP_ENV}); required")
+    argtypes.add_address_option(g, "--agent", f"the guest agent's socket (${AGENT_ENV}); needed to quiesce")
+    g.add_argument("--disk", type=argtypes.disk, action="append", required=True,
+                   metavar="DISK=IMAGE",
+                   help="block node (or device id) and its temporary fleecing image (a qcow2 "
+                   "that must not exist; it holds what the guest overwrites meanwhile, and is "
+                   "removed at the end); repeatable, all disks in one atomic transaction")
+    g.add_argument("--socket", required=True, metavar="PATH",
+                   help="the unix socket of QEMU's NBD server (started here unless one runs)")
+    g.add_argument("--quiesce", choices=("required", "preferred", "off"), default="required",
+                   help="required (default), preferred or off (as for snapshot)")
+    t = p.add_argument_group("timeouts (seconds)")
+    for flag, default, help in _TIMEOUTS:
+        t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
+    p.add_argument("--agent-chardev", metavar="ID",
+                   help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
+    add_journal_option(p)
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help=f"run COMMAND with the export open (${URI_ENV}: the only disk's NBD "
+                   f"URI; ${URIS_ENV}: all, as JSON), then end the export; its exit status is "
+                   "this command's. Without it: serve until Ctrl-C, SIGTERM or the VM's shutdown")
+
+
+def _print(result: FleeceResult) -> None:
+    if result.freeze_owner == "external":
+        how = "quiesced by an existing freeze (freeze owner: external); left frozen, as it was"
+    elif result.quiesced:
+        how = (f"quiesced: froze {result.frozen} filesystem(s), thawed {result.thawed}; "
+               f"freeze window {ms(result.freeze_window)}")
+    else:
+        how = f"NOT quiesced (crash-consistent): {result.reason}"
+    out(f"Exported the frozen view, {how}")
+    for disk, uri in result.uris.items():
+        out(f"  {disk}: {uri}")
+    for warning in result.warnings:
+        out(f"  warning: {warning}")
+
+
+async def _serve(mon: Monitor) -> None:
+    """Until the caller is cancelled (a signal), or the VM shuts down."""
+    await mon.wait_event("SHUTDOWN", timeout=None)
+    err("the VM shut down: ending the export")
+
+
+async def _run_child(argv: list[str], result: FleeceResult) -> int:
+    """Run ``argv`` with the URIs in its environment; its exit status (128 + N if signal N
+    ended it). Cancelled (this command was stopped): it gets SIGTERM, then SIGKILL."""
+    env = dict(os.environ)
+    env[URIS_ENV] = json.dumps(result.uris)
+    env.pop(URI_ENV, None)
+    if len(result.uris) == 1:
+        env[URI_ENV] = next(iter(result.uris.values()))
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, env=env)
+    except OSError as exc:
+        err(f"cannot run {argv[0]}: {exc.strerror or exc}")
+        return _NOT_RUN
+    try:
+        code = await proc.wait()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(_CHILD_GRACE):
+                await proc.wait()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        raise
+    return 128 - code if code < 0 else code
+
+
+async def _run(opts: ExportOptions) -> int:
+    command = opts.argv[1:] if opts.argv[:1] == ["--"] else list(opts.argv)
+    assert opts.qmp is not None  # ExportOptions.usage_problem
+    async with closing(await Monitor.connect(
+        opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.command_timeout, name="cli"
+    )) as mon:
+        orch = orchestrator(mon, opts)
+        async with orch.export(dict(opts.disk), socket=opts.socket, quiesce=opts.quiesce,
+                               freeze_timeout=opts.freeze_timeout) as result:
+            if opts.json:
+                emit_json(dataclasses.asdict(result))
+            else:
+                _print(result)
+            if command:
+                return await _run_child(command, result)
+            if not opts.json:
+                err("serving until Ctrl-C or SIGTERM (or the VM's shutdown)")
+            await _serve(mon)
+    return ExitCode.OK
+
+
+#: ``qmpagent export``.
+EXPORT: Command[ExportOptions] = Command(
+    name="export",
+    help="export a running VM's disks' frozen view over NBD (pull mode), quiesced",
+    description="Export each disk's point-in-time view read-only over QEMU's NBD server, for "
+    "an external reader (image fleecing): the fleecing images are created and attached first, "
+    "then the guest's filesystems are frozen (through the agent), one QMP transaction starts "
+    "the copy-before-write jobs that keep the view, and the guest is thawed at once. The view "
+    "stays readable (as a raw image) until COMMAND exits, or until Ctrl-C or SIGTERM; then "
+    "the exports, jobs, nodes and images are removed. An open export is not journalled: if "
+    "this process dies, it stays in QEMU.",
+    epilog=f"{ADDRESS_HELP}\n\n"
+    "examples:\n"
+    f"  {PROG} export --qmp /run/vm1/qmp.sock --agent /run/vm1/qga.sock \\\n"
+    "      --disk vblk0=/var/tmp/vm1.fleece.qcow2 --socket /run/vm1/nbd.sock \\\n"
+    f"      -- sh -c 'qemu-img convert -f raw -O qcow2 \"${URI_ENV}\" /backups/vm1.qcow2'\n"
+    f"  {PROG} export --qmp /run/vm1/qmp.sock --agent /run/vm1/qga.sock \\\n"
+    "      --disk vblk0=/var/tmp/vm1.fleece.qcow2 --socket /run/vm1/nbd.sock   # until Ctrl-C\n\n"
+    f"{exit_code_help()}\n"
+    "With COMMAND, the exit status is COMMAND's once the export is set up (127: it cannot\n"
+    "be run).\n\n"
+    "If the exit status is 8 (thaw failed), THE GUEST MAY STILL BE FROZEN: check with\n"
+    f"`{PROG} agent --agent ADDR fsfreeze status` and thaw with `... fsfreeze thaw`.",
+    options=ExportOptions,
+    run=_run,
+    add_arguments=_add_arguments,
+)
