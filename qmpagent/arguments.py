@@ -75,17 +75,20 @@ def path_identities(path: str) -> set[tuple[object, ...]]:
     return ids
 
 
-def new_image_paths(images: object, *, empty: str, entry: str, kind: str) -> dict[str, str]:
-    """The checked paths of the images an operation is to create (overlays, backup targets):
-    each a new file, none the same file as another's; UsageError otherwise. ``empty`` is the
-    message for a mapping that is not one or is empty, ``entry`` and ``kind`` name an entry
-    and its file in the others."""
+def new_image_paths(
+    images: object, *, empty: str, entry: str, kind: str, nonempty_keys: bool = False
+) -> dict[str, str]:
+    """The checked paths of the images an operation is to create (overlays, backup targets,
+    fleecing images): each a new file, none the same file as another's; UsageError otherwise.
+    ``empty`` is the message for a mapping that is not one or is empty, ``entry`` and ``kind``
+    name an entry and its file in the others; ``nonempty_keys``: an empty key is a bad entry
+    too."""
     if not isinstance(images, Mapping) or not images:
         raise UsageError(empty)
     paths: dict[str, str] = {}
     seen: set[tuple[object, ...]] = set()
     for key, path in images.items():
-        if not isinstance(key, str):
+        if not isinstance(key, str) or (nonempty_keys and not key):
             raise UsageError(f"bad {entry} entry {key!r}: {path!r} (expected str: path)")
         paths[key] = checked = overlay_path(key, path)
         ids = path_identities(checked)

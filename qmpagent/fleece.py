@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 
 from ._shield import run_to_completion
-from .arguments import check_absent, overlay_path, path_identities, quiesce_mode, seconds
+from .arguments import new_image_paths, overlay_path, quiesce_mode, seconds
 from .backup import BackupOperation, Target
 from .errors import MonitorCommandError, MonitorError, QMPAgentError, UsageError
 from .operation import OrchestratorView, Overlay
@@ -231,17 +231,9 @@ def fleece(
     if not isinstance(socket, (str, os.PathLike)):
         raise UsageError(f"socket must be a path, not {socket!r}")
     sock = overlay_path("socket", socket)
-    paths: dict[str, str] = {}
-    seen: set[tuple[object, ...]] = set()
-    for key, path in images.items():
-        if not isinstance(key, str) or not key:
-            raise UsageError(f"bad image entry {key!r}: {path!r} (expected str: path)")
-        paths[key] = checked = overlay_path(key, path)
-        ids = path_identities(checked)
-        if ids & seen:
-            raise UsageError(f"image {checked!r} is the same file as another disk's image")
-        seen |= ids
-        check_absent(checked)
+    paths = new_image_paths(
+        images, empty="images must be a non-empty mapping of disk to a fleecing image path",
+        entry="image", kind="image", nonempty_keys=True)
     op = _FleeceOperation(
         orch, mode, window, on_phase, orch.timeouts(), since={}, bitmap=None,
         state_dir=os.devnull, on_progress=None, progress_interval=1.0, copy_timeout=None,
