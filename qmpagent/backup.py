@@ -1,7 +1,8 @@
 """Backups whose freeze holds only the transaction that starts them (``orch.backup``).
 
-A backup is a snapshot's run (:mod:`qmpagent.snapshot`: the same preflight, freeze, thaw rules
-and state machine, :mod:`qmpagent.snapshot_state`) with other steps in four places:
+A backup is a snapshot's run (:mod:`qmpagent.operation`, the order :mod:`qmpagent.snapshot`
+describes: the same preflight, freeze, thaw rules and state machine, :mod:`qmpagent.snapshot_state`)
+with other steps, through the operation's hooks, in four places:
 
 1. **Preflight** also checks each incremental's ``since`` (:mod:`qmpagent.backup_chain`) and the
    disk's dirty bitmap; a mismatch is a :class:`~qmpagent.BackupChainError` before anything
@@ -43,6 +44,7 @@ from typing import Any, Final
 import anyio
 
 from ._shield import run_to_completion
+from .arguments import new_image_paths, overlay_path, quiesce_mode, seconds
 from .backup_chain import (
     ChainRecord,
     bitmap_info,
@@ -66,21 +68,9 @@ from .errors import (
 from .jobs import query_job
 from .journal import Entry
 from .monitor import BlockNode, Monitor
-from .snapshot import (
-    PhaseCallback,
-    Quiesce,
-    SnapshotOrchestrator,
-    SnapshotResult,
-    _all_or_none,
-    _new_image_paths,
-    _Operation,
-    _Overlay,
-    _overlay_path,
-    _quiesce_mode,
-    _seconds,
-    _Timeouts,
-)
+from .operation import Operation, OrchestratorView, Overlay, Timeouts, all_or_none
 from .snapshot_state import FreezeState, Phase, TransactionState
+from .snapshot_types import PhaseCallback, Quiesce, SnapshotResult
 
 __all__ = ["BackupProgressCallback", "BackupResult", "end_backup_job", "settle_backup_entry"]
 
@@ -126,8 +116,8 @@ class BackupResult(SnapshotResult):
 
 
 @dataclass
-class _Target(_Overlay):
-    """One disk's backup target (an :class:`_Overlay` whose image is the target)."""
+class Target(Overlay):
+    """One disk's backup target (an :class:`Overlay` whose image is the target)."""
 
     key: str = ""  # the disk as the caller named it
     since: str | None = None  # an incremental's backing file
@@ -155,17 +145,20 @@ def _fsync_all(files: list[str]) -> None:
             os.close(fd)
 
 
-class BackupOperation(_Operation):
-    """One backup run: a snapshot's :class:`_Operation` with the backup's steps (see the
-    module docstring). Made (and its arguments checked) by :func:`backup_operation`."""
+class BackupOperation(Operation):
+    """One backup run: a snapshot's :class:`~qmpagent.operation.Operation` with the backup's
+    steps (see the module docstring), through the operation's hooks. Made (and its arguments
+    checked) by :func:`backup_operation`.
+
+    A hook of its own, for :mod:`qmpagent.fleece`: :meth:`make_target`."""
 
     def __init__(
         self,
-        orch: SnapshotOrchestrator,
+        orch: OrchestratorView,
         mode: Quiesce,
         freeze_timeout: float,
         on_phase: PhaseCallback | None,
-        timeouts: _Timeouts,
+        timeouts: Timeouts,
         *,
         since: dict[str, str],
         bitmap: str | None,
@@ -185,7 +178,7 @@ class BackupOperation(_Operation):
         self.on_progress = on_progress
         self.progress_interval = progress_interval
         self.copy_timeout = copy_timeout
-        self.targets: list[_Target] = []
+        self.targets: list[Target] = []
         self.stage = "window"
         self.succeeded = False
 
@@ -195,19 +188,23 @@ class BackupOperation(_Operation):
         assert isinstance(result, BackupResult)
         return result
 
-    # --- preflight (a hook of _Operation) ---------------------------------------------------
+    # --- preflight (a hook of Operation) ----------------------------------------------------
 
-    async def _preflight_vm(self, disks: dict[str, str]) -> None:
-        await super()._preflight_vm(disks)
-        # The base made one _Overlay per disk, in the order given: make them targets.
+    async def preflight_vm(self, disks: dict[str, str]) -> None:
+        await super().preflight_vm(disks)
+        # The base made one Overlay per disk, in the order given: make them targets.
         for key, ov in zip(disks, self.overlays, strict=True):
-            self.targets.append(self._target(key, ov))
+            self.targets.append(self.make_target(key, ov))
         self.overlays = list(self.targets)
 
-    def _target(self, key: str, ov: _Overlay) -> _Target:
+    def make_target(self, key: str, ov: Overlay) -> Target:
+        """Hook (:mod:`qmpagent.fleece` overrides it): the :class:`Target` of the disk ``key``
+        (as the caller named it) from the base preflight's overlay ``ov``, at preflight.
+        Default: a backup target, its bitmap and ``since`` checked (UsageError,
+        BackupChainError)."""
         base: BlockNode = ov.base
         since = self.since.get(key)
-        t = _Target(node=ov.node, path=ov.path, base=base, node_name=ov.node_name,
+        t = Target(node=ov.node, path=ov.path, base=base, node_name=ov.node_name,
                     file_node_name=ov.file_node_name, key=key, since=since,
                     job_id=f"{ov.node_name}-backup")
         if self.bitmap is None:
@@ -234,7 +231,7 @@ class BackupOperation(_Operation):
 
     # --- journal (hooks) --------------------------------------------------------------------
 
-    def _describe(self, entry: Entry) -> None:
+    def describe_entry(self, entry: Entry) -> None:
         # What recover needs to settle a backup whose process died: its jobs, its targets
         # (the overlays of the entry), the chain records it marked pending.
         entry.kind = "backup"
@@ -245,7 +242,7 @@ class BackupOperation(_Operation):
                         for t in self.targets],
         }
 
-    def _leaves_something(self) -> bool:
+    def leaves_something(self) -> bool:
         st, rec = self.state, self.record
         if st.must_settle or st.freeze is FreezeState.THAW_FAILED:
             return True
@@ -262,7 +259,7 @@ class BackupOperation(_Operation):
 
     # --- prepare (hooks) --------------------------------------------------------------------
 
-    async def _prepare(self) -> None:
+    async def prepare(self) -> None:
         # Durably, before anything is made: a backup with the bitmap is under way, so no
         # incremental is taken since the last one until this one is settled.
         if self.bitmap is not None:
@@ -272,23 +269,23 @@ class BackupOperation(_Operation):
                     mark_pending(self.state_dir, t.base.filename, self.bitmap, t.path,
                                  t.base.virtual_size)
                 except OSError as exc:
-                    raise self._fail(f"cannot write the backup record in {self.state_dir}: {exc}",
+                    raise self.fail(f"cannot write the backup record in {self.state_dir}: {exc}",
                                      exc) from exc
                 t.pending = True
-        await super()._prepare()
+        await super().prepare()
 
-    def _file_options(self, ov: _Overlay) -> dict[str, Any]:
+    def file_options(self, ov: Overlay) -> dict[str, Any]:
         # A target is written without QEMU's flushes (cache.no-flush): qcow2 flushes its file
         # to order metadata updates, many times a second, which halves the copy's speed. A
         # partly written target is never a backup (a failed one is removed, a dead one by
         # recover), so ordering within it buys nothing; a complete one is made durable once,
         # after its nodes are closed (_make_durable).
-        options = super()._file_options(ov)
+        options = super().file_options(ov)
         options["cache"] = {"no-flush": True}
         return options
 
-    def _image_options(self, ov: _Overlay) -> dict[str, Any]:
-        assert isinstance(ov, _Target)
+    def image_options(self, ov: Overlay) -> dict[str, Any]:
+        assert isinstance(ov, Target)
         options: dict[str, Any] = {"driver": "qcow2", "file": ov.file_node_name,
                                    "size": ov.base.virtual_size}
         if ov.since is not None:
@@ -299,7 +296,7 @@ class BackupOperation(_Operation):
 
     # --- the transaction (hooks) ------------------------------------------------------------
 
-    def _actions(self) -> list[dict[str, Any]]:
+    def actions(self) -> list[dict[str, Any]]:
         actions: list[dict[str, Any]] = []
         for t in self.targets:
             if t.add_bitmap:
@@ -319,41 +316,37 @@ class BackupOperation(_Operation):
             actions.append({"type": "blockdev-backup", "data": data})
         return actions
 
-    async def _applied(self, nodes: Mapping[str, BlockNode]) -> bool:
+    async def applied(self, nodes: Mapping[str, BlockNode]) -> bool:
         # Atomic: the first job tells for all (auto-dismiss is off, so it is still listed).
         return await query_job(self.mon, self.targets[0].job_id) is not None
 
     # --- the copy (hook) --------------------------------------------------------------------
 
-    async def _after_window(self) -> None:
-        # The agent is not needed any more: the freeze guard (it holds a duplicate of the
-        # agent connection) and a connection of ours are closed now, not after the copy (the
-        # agent serves one client at a time).
-        await self._stop_guard()
-        await self._close_agents()
-        self.own_agent = False
+    async def after_window(self) -> None:
+        # The agent is not needed any more: closed now, not after the copy.
+        await self.release_agent()
         self.stage = "copy"
-        with self._phase(Phase.COPY):
+        with self.phase(Phase.COPY):
             try:
                 for t in self.targets:
                     await self.mon.execute("block-job-set-speed", {
                         "device": t.job_id, "speed": self.speed or 0}, timeout=self.t.command)
-                await _all_or_none([self._copy(t) for t in self.targets])
+                await all_or_none([self._copy(t) for t in self.targets])
                 for t in self.targets:
                     await self._detach(t)
                 if self.durable:
                     await self._make_durable()
             except QMPAgentError as exc:
-                raise self._fail(f"the copy failed: {exc}", exc) from exc
+                raise self.fail(f"the copy failed: {exc}", exc) from exc
             except TimeoutError as exc:
-                raise self._fail(f"the copy timed out: {exc}", exc) from exc
+                raise self.fail(f"the copy timed out: {exc}", exc) from exc
             except OSError as exc:
-                raise self._fail(f"the copy is complete but cannot be written to stable "
+                raise self.fail(f"the copy is complete but cannot be written to stable "
                                  f"storage: {exc}", exc) from exc
         self._record_chains()
         self.succeeded = True
 
-    async def _copy(self, t: _Target) -> None:
+    async def _copy(self, t: Target) -> None:
         started = time.monotonic()
         t.advanced_at = started
         until = None if self.copy_timeout is None else started + self.copy_timeout
@@ -384,10 +377,10 @@ class BackupOperation(_Operation):
         t.progress = final
         t.copied = final.current
 
-    async def _end(self, t: _Target) -> None:
+    async def _end(self, t: Target) -> None:
         t.job_ok = await end_backup_job(self.mon, t.job_id, timeout=self.t.command)
 
-    async def _wait(self, t: _Target, job: Any, started: float, until: float | None,
+    async def _wait(self, t: Target, job: Any, started: float, until: float | None,
                     stall: float) -> JobProgress:
         """Wait for the job with progress, bounded by ``until`` and by ``stall`` seconds
         without progress."""
@@ -413,11 +406,11 @@ class BackupOperation(_Operation):
                 continue
 
     @staticmethod
-    def _done(t: _Target) -> str:
+    def _done(t: Target) -> str:
         p = t.progress
         return f"{p.current} of {p.total} bytes copied" if p is not None else "no progress read"
 
-    async def _detach(self, t: _Target) -> None:
+    async def _detach(self, t: Target) -> None:
         """After success: the target's nodes are detached (the file is complete and kept)."""
         ct = self.t.command
         await self.mon.execute("blockdev-del", {"node-name": t.node_name}, timeout=ct)
@@ -464,14 +457,14 @@ class BackupOperation(_Operation):
         ("no snapshot was taken", "no backup was started"),
     )
 
-    def _fail(self, message: str, cause: BaseException | None = None) -> BackupError:
+    def fail(self, message: str, cause: BaseException | None = None) -> BackupError:
         for snapshot_words, backup_words in self._WORDS:
             message = message.replace(snapshot_words, backup_words)
         err = BackupError(message, self.record, stage=self.stage)
         err.__cause__ = cause
         return err
 
-    async def _undo(self) -> None:
+    async def undo(self) -> None:
         """After a failure: cancel and dismiss the jobs, remove a bitmap our transaction added,
         detach the targets and remove their files (whatever the transaction did: a backup's
         targets are never the VM's)."""
@@ -482,7 +475,7 @@ class BackupOperation(_Operation):
                 # E.g. cancelled while it was in flight: QEMU may have started the jobs.
                 try:
                     with anyio.fail_after(limit):
-                        applied = await self._applied({})
+                        applied = await self.applied({})
                     st.transaction_outcome(
                         TransactionState.APPLIED if applied else TransactionState.NOT_APPLIED)
                 except (TimeoutError, MonitorError) as exc:
@@ -499,13 +492,13 @@ class BackupOperation(_Operation):
                     await self._remove_added_bitmaps()
                 self._clear_pending()
                 try:
-                    existing: set[str] | None = set(await self._block_nodes())
+                    existing: set[str] | None = set(await self.block_nodes())
                 except MonitorError as exc:
                     log.warning("cleanup: cannot list the block nodes (%s)", exc)
                     existing = None
                 for t in reversed(self.targets):
                     if not t.detached:
-                        await self._remove_overlay(t, existing)
+                        await self.remove_overlay(t, existing)
                     else:
                         self._unlink_detached(t)
 
@@ -532,7 +525,7 @@ class BackupOperation(_Operation):
             except OSError as exc:
                 log.warning("cleanup: cannot clear the backup record of %s: %s", t.key, exc)
 
-    def _unlink_detached(self, t: _Target) -> None:
+    def _unlink_detached(self, t: Target) -> None:
         try:
             os.unlink(t.path)
         except FileNotFoundError:
@@ -554,8 +547,8 @@ class BackupOperation(_Operation):
 
     # --- result (hook) ----------------------------------------------------------------------
 
-    def _result(self) -> BackupResult:
-        base = super()._result()
+    def result(self) -> BackupResult:
+        base = super().result()
         # Every field of the snapshot's result (guarded, warnings, ...), but no overlays.
         common = {f.name: getattr(base, f.name) for f in dataclasses.fields(SnapshotResult)}
         common.update(overlays={}, files={})
@@ -635,7 +628,7 @@ async def settle_backup_entry(mon: Monitor, entry: Entry, *, timeout: float) -> 
 
 
 def backup_operation(
-    orch: SnapshotOrchestrator,
+    orch: OrchestratorView,
     targets: Mapping[str, str | os.PathLike[str]],
     *,
     since: Mapping[str, str | os.PathLike[str]] | None,
@@ -647,7 +640,7 @@ def backup_operation(
     progress_interval: float,
     timeout: float | None,
     state_dir: str | os.PathLike[str] | None,
-    timeouts: _Timeouts,
+    timeouts: Timeouts,
     speed: int | None = None,
     durable: bool = True,
 ) -> tuple[BackupOperation, dict[str, str]]:
@@ -657,10 +650,10 @@ def backup_operation(
     Raises:
         UsageError: see :meth:`SnapshotOrchestrator.backup`.
     """
-    mode = _quiesce_mode(quiesce)
-    window = _seconds("freeze_timeout", freeze_timeout)
-    interval = _seconds("progress_interval", progress_interval)
-    copy_timeout = None if timeout is None else _seconds("timeout", timeout)
+    mode = quiesce_mode(quiesce)
+    window = seconds("freeze_timeout", freeze_timeout)
+    interval = seconds("progress_interval", progress_interval)
+    copy_timeout = None if timeout is None else seconds("timeout", timeout)
     name = check_bitmap_name(bitmap)
     if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int) or speed <= 0):
         raise UsageError(f"speed must be a positive number of bytes per second or None, not {speed!r}")
@@ -668,7 +661,7 @@ def backup_operation(
         raise UsageError("on_progress must be callable or None")
     if not isinstance(durable, bool):
         raise UsageError(f"durable must be True or False, not {durable!r}")
-    paths = _new_image_paths(
+    paths = new_image_paths(
         targets, empty="targets must be a non-empty mapping of disk to target path",
         entry="target", kind="target")
     chosen: dict[str, str] = {}
@@ -682,7 +675,7 @@ def backup_operation(
         for key, path in since.items():
             if not isinstance(key, str) or key not in paths:
                 raise UsageError(f"since names {key!r}, which is not one of the targets' disks")
-            chosen[key] = _overlay_path(key, path)
+            chosen[key] = overlay_path(key, path)
     if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):
         raise UsageError(f"state_dir must be a path or None, not {state_dir!r}")
     directory = os.fspath(state_dir) if state_dir is not None else default_state_dir()

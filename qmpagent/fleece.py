@@ -34,21 +34,12 @@ from typing import Any
 import anyio
 
 from ._shield import run_to_completion
-from .backup import BackupOperation, _Target
+from .arguments import new_image_paths, overlay_path, quiesce_mode, seconds
+from .backup import BackupOperation, Target
 from .errors import MonitorCommandError, MonitorError, QMPAgentError, UsageError
-from .snapshot import (
-    PhaseCallback,
-    Quiesce,
-    SnapshotOrchestrator,
-    SnapshotResult,
-    _check_absent,
-    _Overlay,
-    _overlay_path,
-    _path_identities,
-    _quiesce_mode,
-    _seconds,
-)
+from .operation import OrchestratorView, Overlay
 from .snapshot_state import Phase
+from .snapshot_types import PhaseCallback, Quiesce, SnapshotResult
 
 __all__ = ["Fleece", "FleeceResult"]
 
@@ -84,36 +75,34 @@ class _FleeceOperation(BackupOperation):
         self.started_server = False
         self.exported: list[str] = []  # export ids added
 
-    def _target(self, key: str, ov: _Overlay) -> _Target:
-        t = super()._target(key, ov)
+    def make_target(self, key: str, ov: Overlay) -> Target:
+        t = super().make_target(key, ov)
         t.job_id = f"{ov.node_name}-fleece"
         return t
 
-    def _backing_node(self, ov: _Overlay) -> str | None:
+    def backing_node(self, ov: Overlay) -> str | None:
         # Reads of what the guest has not overwritten go through to the disk itself.
         return ov.node
 
-    def _image_options(self, ov: _Overlay) -> dict[str, Any]:
-        options = super()._image_options(ov)
+    def image_options(self, ov: Overlay) -> dict[str, Any]:
+        options = super().image_options(ov)
         options["backing-file"] = ov.base.filename
         options["backing-fmt"] = ov.base.driver
         return options
 
-    def _actions(self) -> list[dict[str, Any]]:
+    def actions(self) -> list[dict[str, Any]]:
         return [{"type": "blockdev-backup", "data": {
             "job-id": t.job_id, "device": t.node, "target": t.node_name, "sync": "none",
             "auto-dismiss": False}} for t in self.targets]
 
-    async def _after_window(self) -> None:
-        await self._stop_guard()
-        await self._close_agents()
-        self.own_agent = False
+    async def after_window(self) -> None:
+        await self.release_agent()
         self.stage = "export"
-        with self._phase(Phase.COPY):
+        with self.phase(Phase.COPY):
             try:
                 await self._export()
             except QMPAgentError as exc:
-                raise self._fail(f"the export failed: {exc}", exc) from exc
+                raise self.fail(f"the export failed: {exc}", exc) from exc
         self.succeeded = True
 
     async def _export(self) -> None:
@@ -133,9 +122,9 @@ class _FleeceOperation(BackupOperation):
                 "type": "nbd", "id": export_id, "node-name": t.node_name, "name": t.key,
                 "writable": False}, timeout=ct)
 
-    async def _undo(self) -> None:
+    async def undo(self) -> None:
         await run_to_completion(self.teardown_exports())
-        await super()._undo()
+        await super().undo()
 
     async def teardown_exports(self) -> None:
         """Delete our exports (readers cut off) and wait until QEMU let go of them, then stop
@@ -167,8 +156,8 @@ class _FleeceOperation(BackupOperation):
                 except MonitorError as exc:
                     log.warning("nbd-server-stop: %s", exc)
 
-    def _result(self) -> Any:
-        base = super()._result()
+    def result(self) -> Any:
+        base = super().result()
         common = {f.name: getattr(base, f.name) for f in dataclasses.fields(SnapshotResult)}
         quoted = urllib.parse.quote(self.socket)
         return FleeceResult(
@@ -217,11 +206,11 @@ class Fleece:
         op = self._op
         await op.teardown_exports()
         # What a failed set-up undoes: the jobs ended, the nodes detached, the files removed.
-        await op._undo()
+        await op.undo()
 
 
 def fleece(
-    orch: SnapshotOrchestrator,
+    orch: OrchestratorView,
     lock: asyncio.Lock,
     images: Mapping[str, str | os.PathLike[str]],
     *,
@@ -235,26 +224,18 @@ def fleece(
     Raises:
         UsageError: see :meth:`SnapshotOrchestrator.export`.
     """
-    mode = _quiesce_mode(quiesce)
-    window = _seconds("freeze_timeout", freeze_timeout)
+    mode = quiesce_mode(quiesce)
+    window = seconds("freeze_timeout", freeze_timeout)
     if not isinstance(images, Mapping) or not images:
         raise UsageError("images must be a non-empty mapping of disk to a fleecing image path")
     if not isinstance(socket, (str, os.PathLike)):
         raise UsageError(f"socket must be a path, not {socket!r}")
-    sock = _overlay_path("socket", socket)
-    paths: dict[str, str] = {}
-    seen: set[tuple[object, ...]] = set()
-    for key, path in images.items():
-        if not isinstance(key, str) or not key:
-            raise UsageError(f"bad image entry {key!r}: {path!r} (expected str: path)")
-        paths[key] = checked = _overlay_path(key, path)
-        ids = _path_identities(checked)
-        if ids & seen:
-            raise UsageError(f"image {checked!r} is the same file as another disk's image")
-        seen |= ids
-        _check_absent(checked)
+    sock = overlay_path("socket", socket)
+    paths = new_image_paths(
+        images, empty="images must be a non-empty mapping of disk to a fleecing image path",
+        entry="image", kind="image", nonempty_keys=True)
     op = _FleeceOperation(
-        orch, mode, window, on_phase, orch._timeouts(), since={}, bitmap=None,
+        orch, mode, window, on_phase, orch.timeouts(), since={}, bitmap=None,
         state_dir=os.devnull, on_progress=None, progress_interval=1.0, copy_timeout=None,
         socket=sock,
     )

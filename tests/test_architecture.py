@@ -110,3 +110,54 @@ def test_monitor_helpers_use_the_protocol_not_the_monitor() -> None:
     for helper in ("block", "jobs", "ports"):
         names = {name for name, _ in _imports(PACKAGE / f"{helper}.py")}
         assert "monitor" not in names, f"{helper}.py imports qmpagent.monitor; use _monitor_api"
+
+
+def _private_names_imported(path: Path, source: str | None = None) -> list[tuple[str, str, int]]:
+    """(module, name, line) for every underscore-prefixed name ``path`` imports from a module of
+    the package (``from .x import _y``, ``from qmpagent.x import _y``). Importing a private
+    *module* (``from . import _addresses``) or public names from one (``from ._shield import
+    run_to_completion``) is not reaching into private state. ``source``: the file's text (default:
+    read from ``path``)."""
+    tree = ast.parse(path.read_text() if source is None else source)
+    rel = path.relative_to(PACKAGE)
+    found: list[tuple[str, str, int]] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0:
+            if (node.module or "").split(".")[0] != "qmpagent":
+                continue
+            parts = (node.module or "").split(".")[1:]
+        else:
+            base = list(rel.parts[:-1])
+            base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+            parts = base + (node.module.split(".") if node.module else [])
+        directory = PACKAGE.joinpath(*parts)
+        for alias in node.names:
+            name = alias.name
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            if (directory / f"{name}.py").exists() or (directory / name / "__init__.py").exists():
+                continue  # a module of the package, imported as a module
+            found.append((".".join(["qmpagent", *parts]), name, node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_module_imports_another_modules_private_names(path: Path) -> None:
+    bad = [f"{path.name}:{line}: from {module} import {name}"
+           for module, name, line in _private_names_imported(path)]
+    assert not bad, f"private names of another module imported: {bad}"
+
+
+def test_the_private_import_check_sees_violations() -> None:
+    # The check itself: a private name is caught in both spellings, a private module is not.
+    source = (
+        "from ..snapshot import SnapshotOrchestrator as _Orch\n"
+        "from ..operation import _keeping_thaw_error\n"
+        "from qmpagent.backup import _fsync_all\n"
+        "from .. import _shield\n"
+        "from .._shield import run_to_completion\n"
+    )
+    found = {(m, n) for m, n, _ in _private_names_imported(PACKAGE / "cli" / "probe.py", source)}
+    assert found == {("qmpagent.operation", "_keeping_thaw_error"), ("qmpagent.backup", "_fsync_all")}
