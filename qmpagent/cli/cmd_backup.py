@@ -8,66 +8,39 @@ import sys
 import time
 from typing import Final
 
-from ..agent import AgentAddress
 from ..backup import BackupResult
 from ..block_jobs import JobProgress
-from ..monitor import Monitor
 from . import argtypes
-from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
-from .cmd_snapshot import add_journal_option, orchestrator
-from .command import ADDRESS_HELP, Command, CommonOptions
-from .connect import closing
+from .command import ADDRESS_HELP, Command
 from .exit_codes import ExitCode, exit_code_help
+from .orchestrated import (
+    OrchestratedOptions,
+    add_orchestrated_arguments,
+    connected_orchestrator,
+    repeated,
+)
 from .output import PROG, emit_json, err, ms, out, tty
 
 __all__ = ["BACKUP", "BackupOptions"]
 
 _PHASES: Final = ("preflight", "prepare", "freeze", "transaction", "thaw", "copy", "cleanup")
 
-#: The timeouts' options: flag, default (seconds, None: none), help.
-_TIMEOUTS: Final = (
-    ("--freeze-timeout", 10.0, "the longest allowed freeze window (default 10)"),
-    ("--agent-timeout", 10.0, "each agent command: sync, ping, status, info, freeze (default 10)"),
-    ("--thaw-timeout", 30.0, "the thaw, retries included (default 30)"),
-    ("--command-timeout", 30.0, "each QMP command outside the freeze window (default 30)"),
-    ("--job-timeout", 120.0, "each target-creating job; a copy without progress this long fails "
-     "(default 120)"),
-    ("--connect-timeout", 10.0, "the QMP connect and handshake (default 10)"),
-)
-
-
 @dataclasses.dataclass(frozen=True)
-class BackupOptions(CommonOptions):
+class BackupOptions(OrchestratedOptions):
     """The options of ``qmpagent backup``."""
 
-    qmp: QMPAddress | None
-    agent: AgentAddress | None
-    disk: list[tuple[str, str]]
     since: list[tuple[str, str]] | None
-    quiesce: str
     bitmap: str
     no_bitmap: bool
     state_dir: str | None
     no_fsync: bool
     timeout: float | None
-    freeze_timeout: float
-    agent_timeout: float
-    thaw_timeout: float
-    command_timeout: float
-    job_timeout: float
-    connect_timeout: float
-    agent_chardev: str | None
-    journal: str | None
 
     def usage_problem(self) -> str | None:
-        """``--qmp`` is required; no disk twice; ``--since`` only for a ``--disk``."""
-        if self.qmp is None:
-            return f"--qmp is required (or set ${QMP_ENV})"
-        for flag, pairs in (("--disk", self.disk), ("--since", self.since or [])):
-            names = [name for name, _ in pairs]
-            for name in names:
-                if names.count(name) > 1:
-                    return f"{flag} {name}=... given twice"
+        """Those of every such command; no ``--since`` twice, each for a ``--disk``."""
+        problem = super().usage_problem() or repeated("--since", self.since or [])
+        if problem is not None:
+            return problem
         disks = {name for name, _ in self.disk}
         for name, _ in self.since or []:
             if name not in disks:
@@ -78,18 +51,15 @@ class BackupOptions(CommonOptions):
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to back up")
-    argtypes.add_address_option(g, "--qmp", f"QMP socket (${QMP_ENV}); required")
-    argtypes.add_address_option(g, "--agent", f"the guest agent's socket (${AGENT_ENV}); needed to quiesce")
-    g.add_argument("--disk", type=argtypes.disk, action="append", required=True,
-                   metavar="DISK=PATH",
-                   help="block node (or device id) and the backup file to create (qcow2); "
-                   "repeatable, all disks start in one atomic transaction")
+    g, t = add_orchestrated_arguments(
+        p, what="what to back up", disk_metavar="DISK=PATH",
+        disk_help="block node (or device id) and the backup file to create (qcow2); "
+        "repeatable, all disks start in one atomic transaction",
+        job_timeout_help="each target-creating job; a copy without progress this long fails "
+        "(default 120)")
     g.add_argument("--since", type=argtypes.disk, action="append", metavar="DISK=PATH",
                    help="an incremental backup of DISK since PATH, its last backup (which "
                    "becomes the new file's backing file); repeatable")
-    g.add_argument("--quiesce", choices=("required", "preferred", "off"), default="required",
-                   help="required (default), preferred or off; see below")
     g.add_argument("--bitmap", default="qmpagent", metavar="NAME",
                    help="the persistent dirty bitmap that tracks changes (default qmpagent)")
     g.add_argument("--no-bitmap", action="store_true",
@@ -100,14 +70,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-fsync", action="store_true",
                    help="do not fsync the complete backup files (faster; as qemu-img convert, "
                    "a power loss soon after may lose them)")
-    t = p.add_argument_group("timeouts (seconds)")
     t.add_argument("--timeout", type=argtypes.seconds, default=None, metavar="SECONDS",
                    help="the longest the copy may take (default: none, but see --job-timeout)")
-    for flag, default, help in _TIMEOUTS:
-        t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
-    p.add_argument("--agent-chardev", metavar="ID",
-                   help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
-    add_journal_option(p)
 
 
 def _summary(result: BackupResult) -> str:
@@ -176,11 +140,7 @@ async def _run(opts: BackupOptions) -> int:
         kind = "incremental" if since else "full"
         err(f"{kind} backup of {', '.join(disks)} (quiesce: {opts.quiesce}, "
             f"freeze timeout {opts.freeze_timeout}s)...")
-    assert opts.qmp is not None  # BackupOptions.usage_problem
-    async with closing(await Monitor.connect(
-        opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.command_timeout, name="cli"
-    )) as mon:
-        orch = orchestrator(mon, opts)
+    async with connected_orchestrator(opts) as orch:
         result = await orch.backup(
             disks,
             since=since,

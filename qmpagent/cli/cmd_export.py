@@ -13,15 +13,11 @@ from typing import Final
 
 import anyio
 
-from ..agent import AgentAddress
 from ..fleece import FleeceResult
 from ..monitor import Monitor
-from . import argtypes
-from .argtypes import AGENT_ENV, QMP_ENV, QMPAddress
-from .cmd_snapshot import add_journal_option, orchestrator
-from .command import ADDRESS_HELP, Command, CommonOptions
-from .connect import closing
+from .command import ADDRESS_HELP, Command
 from .exit_codes import ExitCode, exit_code_help
+from .orchestrated import OrchestratedOptions, add_orchestrated_arguments, connected_orchestrator
 from .output import PROG, emit_json, err, ms, out
 
 __all__ = ["EXPORT", "URIS_ENV", "URI_ENV", "ExportOptions"]
@@ -30,16 +26,6 @@ __all__ = ["EXPORT", "URIS_ENV", "URI_ENV", "ExportOptions"]
 URI_ENV: Final = "QMPAGENT_NBD_URI"
 #: The environment of a ``-- COMMAND``: a JSON object, disk -> NBD URI.
 URIS_ENV: Final = "QMPAGENT_NBD_URIS"
-
-#: The timeouts' options: flag, default (seconds), help.
-_TIMEOUTS: Final = (
-    ("--freeze-timeout", 10.0, "the longest allowed freeze window (default 10)"),
-    ("--agent-timeout", 10.0, "each agent command: sync, ping, status, info, freeze (default 10)"),
-    ("--thaw-timeout", 30.0, "the thaw, retries included (default 30)"),
-    ("--command-timeout", 30.0, "each QMP command (default 30)"),
-    ("--job-timeout", 120.0, "each image-creating job (default 120)"),
-    ("--connect-timeout", 10.0, "the QMP connect and handshake (default 10)"),
-)
 
 #: The exit status when ``-- COMMAND`` cannot be run (as a shell's for a command not found).
 _NOT_RUN: Final = 127
@@ -50,54 +36,22 @@ _CHILD_GRACE: Final = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportOptions(CommonOptions):
+class ExportOptions(OrchestratedOptions):
     """The options of ``qmpagent export``."""
 
-    qmp: QMPAddress | None
-    agent: AgentAddress | None
-    disk: list[tuple[str, str]]
     socket: str
-    quiesce: str
-    freeze_timeout: float
-    agent_timeout: float
-    thaw_timeout: float
-    command_timeout: float
-    job_timeout: float
-    connect_timeout: float
-    agent_chardev: str | None
-    journal: str | None
     argv: list[str]
-
-    def usage_problem(self) -> str | None:
-        """``--qmp`` is required; no disk twice."""
-        if self.qmp is None:
-            return f"--qmp is required (or set ${QMP_ENV})"
-        names = [name for name, _ in self.disk]
-        for name in names:
-            if names.count(name) > 1:
-                return f"--disk {name}=... given twice"
-        return None
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("what to export")
-    argtypes.add_address_option(g, "--qmp", f"QMP socket (${QMP_ENV}); required")
-    argtypes.add_address_option(g, "--agent", f"the guest agent's socket (${AGENT_ENV}); needed to quiesce")
-    g.add_argument("--disk", type=argtypes.disk, action="append", required=True,
-                   metavar="DISK=IMAGE",
-                   help="block node (or device id) and its temporary fleecing image (a qcow2 "
-                   "that must not exist; it holds what the guest overwrites meanwhile, and is "
-                   "removed at the end); repeatable, all disks in one atomic transaction")
+    g, _ = add_orchestrated_arguments(
+        p, what="what to export", disk_metavar="DISK=IMAGE",
+        disk_help="block node (or device id) and its temporary fleecing image (a qcow2 that "
+        "must not exist; it holds what the guest overwrites meanwhile, and is removed at the "
+        "end); repeatable, all disks in one atomic transaction",
+        job_timeout_help="each image-creating job (default 120)")
     g.add_argument("--socket", required=True, metavar="PATH",
                    help="the unix socket of QEMU's NBD server (started here unless one runs)")
-    g.add_argument("--quiesce", choices=("required", "preferred", "off"), default="required",
-                   help="required (default), preferred or off (as for snapshot)")
-    t = p.add_argument_group("timeouts (seconds)")
-    for flag, default, help in _TIMEOUTS:
-        t.add_argument(flag, type=argtypes.seconds, default=default, metavar="SECONDS", help=help)
-    p.add_argument("--agent-chardev", metavar="ID",
-                   help="the agent's chardev id, if its port is not org.qemu.guest_agent.0")
-    add_journal_option(p)
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
                    help=f"run COMMAND with the export open (${URI_ENV}: the only disk's NBD "
                    f"URI; ${URIS_ENV}: all, as JSON), then end the export; its exit status is "
@@ -156,22 +110,20 @@ async def _run_child(argv: list[str], result: FleeceResult) -> int:
 
 async def _run(opts: ExportOptions) -> int:
     command = opts.argv[1:] if opts.argv[:1] == ["--"] else list(opts.argv)
-    assert opts.qmp is not None  # ExportOptions.usage_problem
-    async with closing(await Monitor.connect(
-        opts.qmp, timeout=opts.connect_timeout, command_timeout=opts.command_timeout, name="cli"
-    )) as mon:
-        orch = orchestrator(mon, opts)
-        async with orch.export(dict(opts.disk), socket=opts.socket, quiesce=opts.quiesce,
-                               freeze_timeout=opts.freeze_timeout) as result:
-            if opts.json:
-                emit_json(dataclasses.asdict(result))
-            else:
-                _print(result)
-            if command:
-                return await _run_child(command, result)
-            if not opts.json:
-                err("serving until Ctrl-C or SIGTERM (or the VM's shutdown)")
-            await _serve(mon)
+    async with (
+        connected_orchestrator(opts) as orch,
+        orch.export(dict(opts.disk), socket=opts.socket, quiesce=opts.quiesce,
+                    freeze_timeout=opts.freeze_timeout) as result,
+    ):
+        if opts.json:
+            emit_json(dataclasses.asdict(result))
+        else:
+            _print(result)
+        if command:
+            return await _run_child(command, result)
+        if not opts.json:
+            err("serving until Ctrl-C or SIGTERM (or the VM's shutdown)")
+        await _serve(orch.monitor)
     return ExitCode.OK
 
 
@@ -186,7 +138,10 @@ EXPORT: Command[ExportOptions] = Command(
     "stays readable (as a raw image) until COMMAND exits, or until Ctrl-C or SIGTERM; then "
     "the exports, jobs, nodes and images are removed. An open export is not journalled: if "
     "this process dies, it stays in QEMU.",
-    epilog=f"{ADDRESS_HELP}\n\n"
+    epilog=f"{ADDRESS_HELP}\n\nquiesce:\n"
+    "  required    freeze or export nothing at all (exit status 10); the default\n"
+    "  preferred   freeze if possible, else export a crash-consistent view and say why\n"
+    "  off         never talk to the agent: a crash-consistent view\n\n"
     "examples:\n"
     f"  {PROG} export --qmp /run/vm1/qmp.sock --agent /run/vm1/qga.sock \\\n"
     "      --disk vblk0=/var/tmp/vm1.fleece.qcow2 --socket /run/vm1/nbd.sock \\\n"
