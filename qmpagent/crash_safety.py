@@ -264,7 +264,7 @@ class CrashSafety:
         why = f"the freeze guard took over ({guard.took_over})"
         if res is None or res.result == "failed":
             detail = res.detail if res else "no report"
-            self.op.agent_error = AgentError(f"{why} and could not thaw: {detail}")
+            self.op.settler.agent_error = AgentError(f"{why} and could not thaw: {detail}")
             return
         self.op.warnings.append(f"{why}: this process did not thaw within freeze_timeout; "
                              f"the guard {'thawed' if res.result == 'thawed' else 'found the guest thawed'}")
