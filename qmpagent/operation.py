@@ -61,7 +61,7 @@ from .operation_types import Overlay as Overlay
 from .operation_types import Step as Step
 from .operation_types import Timeouts as Timeouts
 from .preflight import FREEZE_COMMANDS as FREEZE_COMMANDS
-from .preflight import AgentPreflight, Unquiescable
+from .preflight import AgentPreflight, Unquiescable, checked_node, resolve_node
 from .snapshot_state import FreezeState, Phase, SnapshotState, TransactionState
 from .snapshot_types import PhaseCallback, PhaseTimings, Quiesce, SnapshotResult
 from .thaw import FreezeSettler, keeping_thaw_error
@@ -77,25 +77,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("qmpagent.snapshot")  # the logger these messages always had
-
-
-def _checked_node(node: BlockNode) -> BlockNode:
-    """A node from ``query-named-block-nodes`` whose members this module uses have the right
-    types (QEMU's replies are checked, not trusted), else MonitorProtocolError."""
-    raw = node.raw
-    if (
-        not isinstance(raw, Mapping)
-        or not isinstance(raw.get("node-name"), str)
-        or not isinstance(raw.get("drv"), str)
-        or not isinstance(raw.get("file", ""), str)
-        or not isinstance(raw.get("backing_file") or "", str)
-        or isinstance(node.virtual_size, bool)
-        or (node.virtual_size is not None and node.virtual_size < 0)
-    ):
-        raise MonitorProtocolError(
-            f"query-named-block-nodes: an entry with members of the wrong type: {raw!r:.300}"
-        )
-    return node
 
 
 class Operation:
@@ -335,12 +316,12 @@ class Operation:
             raise self.fail(f"preflight: cannot query QEMU: {exc}", exc) from exc
         self.vm_running = isinstance(status, dict) and status.get("status") == "running"
         for i, (key, path) in enumerate(disks.items()):
-            node = await self._resolve_node(key, nodes)
+            node = await resolve_node(self.mon, key, nodes, self.fail)
             base = nodes.get(node)
             if base is None:
                 raise UsageError(f"no block node named {node!r}")
             try:
-                base = _checked_node(base)
+                base = checked_node(base)
             except MonitorProtocolError as exc:
                 raise self.fail(f"preflight: {exc}", exc) from exc
             if any(o.node == node for o in self.overlays):
@@ -357,26 +338,6 @@ class Operation:
                     file_node_name=f"qa{self.token}f{i}",
                 )
             )
-
-    async def _resolve_node(self, key: str, nodes: Mapping[str, BlockNode]) -> str:
-        """The format node of ``key``: a node name, or a device's qdev id."""
-        if key in nodes:
-            return key
-        try:
-            node = await self.mon.device_node_name(key)
-        except MonitorCommandError as exc:
-            raise UsageError(f"no block node or device named {key!r}") from exc
-        except MonitorError as exc:
-            raise self.fail(f"preflight: cannot resolve device {key!r}: {exc}", exc) from exc
-        except (AttributeError, KeyError, TypeError) as exc:
-            # query-block members of the wrong type, met while the monitor parsed them
-            err = MonitorProtocolError(f"query-block: a malformed entry ({exc!r})")
-            err.__cause__ = exc
-            raise self.fail(f"preflight: cannot resolve device {key!r}: {err}", err) from err
-        if not isinstance(node, str):
-            err = MonitorProtocolError(f"query-block: node-name of {key!r} is not a string: {node!r:.100}")
-            raise self.fail(f"preflight: {err}", err)
-        return node
 
     # --- prepare --------------------------------------------------------------------------
 
@@ -667,7 +628,7 @@ class Operation:
         # backing: null, so it reports a backing file only once blockdev-snapshot attached
         # it. (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
         ov = nodes.get(self.overlays[0].node_name)
-        return ov is not None and _checked_node(ov).backing_file is not None
+        return ov is not None and checked_node(ov).backing_file is not None
 
     async def _learn_transaction(self) -> bool:
         """Whether a transaction whose reply was not seen was applied: SENT -> APPLIED or

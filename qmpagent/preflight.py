@@ -1,7 +1,9 @@
-"""Whether a freeze can be attempted (:class:`AgentPreflight`): the agent's checks at preflight
-(port state, sync, ping, freeze status, the freeze commands enabled, the guest's filesystems or
-the chosen mountpoints), and again later (the port right before the freeze, someone else's freeze
-right before the transaction).
+"""What an operation checks before it changes anything: each disk's format node
+(:func:`resolve_node`, QEMU's node checked by :func:`checked_node`), and whether a freeze can be
+attempted (:class:`AgentPreflight`): the agent's checks at preflight (port state, sync, ping,
+freeze status, the freeze commands enabled, the guest's filesystems or the chosen mountpoints),
+and again later (the port right before the freeze, someone else's freeze right before the
+transaction).
 
 An :class:`~qmpagent.operation.Operation` holds one as ``agent_preflight``. A check that finds no
 freeze possible raises :class:`Unquiescable`, whose message is the reason the operation records
@@ -12,22 +14,69 @@ snapshot, or a failure when quiesce is required) is the operation's policy, not 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from .agent import FreezeStatus
 from .agent_link import AgentLink
-from .errors import AgentError, MonitorError
-from .monitor import Monitor
+from .errors import AgentError, MonitorCommandError, MonitorError, MonitorProtocolError, UsageError
+from .monitor import BlockNode, Monitor
 from .mountpoints import require_known
 from .operation_types import OrchestratorView
 from .snapshot_state import SnapshotState
 
-__all__ = ["FREEZE_COMMANDS", "AgentPreflight", "Unquiescable"]
+__all__ = ["FREEZE_COMMANDS", "AgentPreflight", "Unquiescable", "checked_node", "resolve_node"]
 
 log = logging.getLogger("qmpagent.snapshot")  # the logger these messages always had
 
 #: Agent commands the freeze path needs; ``guest-info`` must list them as enabled.
 FREEZE_COMMANDS: Final = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
+
+
+def checked_node(node: BlockNode) -> BlockNode:
+    """A node from ``query-named-block-nodes`` whose members an operation uses have the right
+    types (QEMU's replies are checked, not trusted), else MonitorProtocolError."""
+    raw = node.raw
+    if (
+        not isinstance(raw, Mapping)
+        or not isinstance(raw.get("node-name"), str)
+        or not isinstance(raw.get("drv"), str)
+        or not isinstance(raw.get("file", ""), str)
+        or not isinstance(raw.get("backing_file") or "", str)
+        or isinstance(node.virtual_size, bool)
+        or (node.virtual_size is not None and node.virtual_size < 0)
+    ):
+        raise MonitorProtocolError(
+            f"query-named-block-nodes: an entry with members of the wrong type: {raw!r:.300}"
+        )
+    return node
+
+
+async def resolve_node(
+    mon: Monitor, key: str, nodes: Mapping[str, BlockNode],
+    fail: Callable[[str, BaseException | None], BaseException],
+) -> str:
+    """The format node of ``key``: a node name, or a device's qdev id (``nodes``: the VM's
+    block nodes by name). UsageError if there is none; what QEMU cannot tell is raised as
+    ``fail(message, cause)``, the operation's error (:meth:`Operation.fail
+    <qmpagent.operation.Operation.fail>`)."""
+    if key in nodes:
+        return key
+    try:
+        node = await mon.device_node_name(key)
+    except MonitorCommandError as exc:
+        raise UsageError(f"no block node or device named {key!r}") from exc
+    except MonitorError as exc:
+        raise fail(f"preflight: cannot resolve device {key!r}: {exc}", exc) from exc
+    except (AttributeError, KeyError, TypeError) as exc:
+        # query-block members of the wrong type, met while the monitor parsed them
+        err = MonitorProtocolError(f"query-block: a malformed entry ({exc!r})")
+        err.__cause__ = exc
+        raise fail(f"preflight: cannot resolve device {key!r}: {err}", err) from err
+    if not isinstance(node, str):
+        err = MonitorProtocolError(f"query-block: node-name of {key!r} is not a string: {node!r:.100}")
+        raise fail(f"preflight: {err}", err)
+    return node
 
 
 class Unquiescable(Exception):
@@ -36,7 +85,7 @@ class Unquiescable(Exception):
 
 class AgentPreflight:
     """The agent checks of one operation (see the module docstring). It chooses the operation's
-    connection in ``link`` and writes ``state`` (someone else's freeze found, or ended); it
+    connection in ``link`` and records in ``state`` a freeze found to be someone else's; it
     changes nothing in the guest."""
 
     def __init__(
