@@ -8,7 +8,8 @@ connection and takes over its result if it thawed; at the end, it stops the guar
 the entry, or hands it to recovery if the operation leaves something unsettled.
 
 It reads the operation's public state (``state``, ``agent``, ``warnings``, ...) and asks it
-through its hooks (``fail``, ``describe_entry``, ``leaves_something``).
+through its hooks (``fail``, ``describe_entry``, ``leaves_something``); a guard that could not
+thaw is recorded as the ``agent_error`` of the operation's ``settler`` (:mod:`qmpagent.thaw`).
 """
 
 from __future__ import annotations

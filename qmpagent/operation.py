@@ -34,8 +34,7 @@ from typing import Any
 
 import anyio
 
-from ._shield import all_or_none as all_or_none
-from ._shield import run_to_completion
+from ._shield import all_or_none, run_to_completion
 from .agent import GuestAgent
 from .agent_link import AgentLink
 from .arguments import check_absent
@@ -56,12 +55,8 @@ from .errors import (
 )
 from .journal import Entry
 from .monitor import BlockNode
-from .operation_types import OrchestratorView as OrchestratorView
-from .operation_types import Overlay as Overlay
-from .operation_types import Step as Step
-from .operation_types import Timeouts as Timeouts
-from .preflight import FREEZE_COMMANDS as FREEZE_COMMANDS
-from .preflight import AgentPreflight, Unquiescable, checked_node, resolve_node
+from .operation_types import OrchestratorView, Overlay, Step, Timeouts
+from .preflight import FREEZE_COMMANDS, AgentPreflight, Unquiescable, checked_node, resolve_node
 from .snapshot_state import FreezeState, Phase, SnapshotState, TransactionState
 from .snapshot_types import PhaseCallback, PhaseTimings, Quiesce, SnapshotResult
 from .thaw import FreezeSettler, keeping_thaw_error
@@ -517,7 +512,7 @@ class Operation:
             try:
                 await self.agent_preflight.check_still_frozen()
             except Unquiescable as exc:
-                self.state.external_ended(str(exc))  # not quiesced, never thawed by us
+                st.external_ended(str(exc))
                 self._policy(exc.__cause__)
         if st.freeze is FreezeState.SENT_UNRESOLVED:
             await self._window_exceeded(

@@ -89,19 +89,15 @@ class FreezeSettler:
                 await self.safety.take_guard_result(deadline)
         last = self.agent_error
         if st.freeze is FreezeState.SENT_UNRESOLVED:
-            st.thaw_failed()
-            raise ThawError(
-                f"a freeze got no reply and its outcome cannot be read ({last}): "
-                "the guest MAY BE FROZEN; check guest-fsfreeze-status and thaw it",
-                st.record,
-            ) from last
-        if st.freeze is FreezeState.OURS:
-            st.thaw_failed()
-            raise ThawError(
-                f"thawing the guest failed ({last}): THE GUEST MAY STILL BE FROZEN; check "
-                "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)",
-                st.record,
-            ) from last
+            message = (f"a freeze got no reply and its outcome cannot be read ({last}): "
+                       "the guest MAY BE FROZEN; check guest-fsfreeze-status and thaw it")
+        elif st.freeze is FreezeState.OURS:
+            message = (f"thawing the guest failed ({last}): THE GUEST MAY STILL BE FROZEN; check "
+                       "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)")
+        else:
+            return
+        st.thaw_failed()
+        raise ThawError(message, st.record) from last
 
     async def resolve(self, until: float) -> None:
         """After a freeze with no reply: resync and read the status, until ``until`` at the
