@@ -8,7 +8,8 @@ connection and takes over its result if it thawed; at the end, it stops the guar
 the entry, or hands it to recovery if the operation leaves something unsettled.
 
 It reads the operation's public state (``state``, ``agent``, ``warnings``, ...) and asks it
-through its hooks (``fail``, ``describe_entry``, ``leaves_something``).
+through its hooks (``fail``, ``describe_entry``, ``leaves_something``); a guard that could not
+thaw is recorded as the ``agent_error`` of the operation's ``settler`` (:mod:`qmpagent.thaw`).
 """
 
 from __future__ import annotations
@@ -264,7 +265,7 @@ class CrashSafety:
         why = f"the freeze guard took over ({guard.took_over})"
         if res is None or res.result == "failed":
             detail = res.detail if res else "no report"
-            self.op.agent_error = AgentError(f"{why} and could not thaw: {detail}")
+            self.op.settler.agent_error = AgentError(f"{why} and could not thaw: {detail}")
             return
         self.op.warnings.append(f"{why}: this process did not thaw within freeze_timeout; "
                              f"the guard {'thawed' if res.result == 'thawed' else 'found the guest thawed'}")

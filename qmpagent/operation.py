@@ -5,31 +5,38 @@ transaction, thaw, and the clean-up of a failure, in the order :mod:`qmpagent.sn
 a snapshot runs it as it is; a backup (:mod:`qmpagent.backup`) and an export
 (:mod:`qmpagent.fleece`) subclass it and override its *hooks*, the public methods documented
 "Hook:" (what the new images are, what the transaction does, what runs after the window, what
-the result is, how a failure is undone). Everything else in it is internal. Its crash safety
-(journal, freeze guard) is a collaborator of its own, :class:`~qmpagent.crash_safety.CrashSafety`.
+the result is, how a failure is undone). Everything else in it is internal.
+
+It drives its phases and holds collaborators for what is not the order of the run: its agent
+connection (:class:`~qmpagent.agent_link.AgentLink`), the agent's checks
+(:class:`~qmpagent.preflight.AgentPreflight`), the resolution and thaw of its freeze
+(:class:`~qmpagent.thaw.FreezeSettler`), and its crash safety, the journal and the freeze guard
+(:class:`~qmpagent.crash_safety.CrashSafety`). Whether a freeze that cannot be had fails the
+operation (the quiesce policy) stays here.
 
 An operation reads its orchestrator through :class:`OrchestratorView`, at the moment it needs
-each thing, as it always has.
+each thing, as it always has. :class:`OrchestratorView`, :class:`Timeouts`, :class:`Overlay` and
+:class:`Step` live in :mod:`qmpagent.operation_types`, :func:`all_or_none` in
+:mod:`qmpagent._shield` and ``FREEZE_COMMANDS`` in :mod:`qmpagent.preflight`, below the
+collaborators that use them; they are re-exported here, where they always were.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import enum
 import logging
 import os
 import secrets
 import sys
 import time
-from collections.abc import Coroutine, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import anyio
 
-from ._shield import run_to_completion
-from .agent import AgentAddress, FreezeStatus, GuestAgent
+from ._shield import all_or_none, run_to_completion
+from .agent import GuestAgent
+from .agent_link import AgentLink
 from .arguments import check_absent
 from .crash_safety import CrashSafety
 from .errors import (
@@ -46,11 +53,13 @@ from .errors import (
     ThawError,
     UsageError,
 )
-from .journal import Entry, Journal
-from .monitor import BlockNode, Monitor
-from .mountpoints import require_known
+from .journal import Entry
+from .monitor import BlockNode
+from .operation_types import OrchestratorView, Overlay, Step, Timeouts
+from .preflight import FREEZE_COMMANDS, AgentPreflight, Unquiescable, checked_node, resolve_node
 from .snapshot_state import FreezeState, Phase, SnapshotState, TransactionState
 from .snapshot_types import PhaseCallback, PhaseTimings, Quiesce, SnapshotResult
+from .thaw import FreezeSettler, keeping_thaw_error
 
 __all__ = [
     "FREEZE_COMMANDS",
@@ -63,148 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("qmpagent.snapshot")  # the logger these messages always had
-
-#: Agent commands the freeze path needs; ``guest-info`` must list them as enabled.
-FREEZE_COMMANDS: Final = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
-
-
-class OrchestratorView(Protocol):
-    """What an operation reads of the :class:`~qmpagent.SnapshotOrchestrator` that runs it,
-    read when it is needed (the orchestrator's attributes are public, and may change)."""
-
-    @property
-    def monitor(self) -> Monitor:
-        """The VM's monitor."""
-
-    @property
-    def agent(self) -> GuestAgent | None:
-        """The agent connection the orchestrator was given, if it was given one."""
-
-    @property
-    def agent_address(self) -> AgentAddress | None:
-        """The agent's address the orchestrator was given, if it was given one."""
-
-    @property
-    def has_agent(self) -> bool:
-        """Whether an agent (connection or address) was given."""
-
-    @property
-    def agent_chardev(self) -> str | None:
-        """The agent's chardev label, if not the usual one."""
-
-    @property
-    def journal(self) -> Journal:
-        """Where each operation's journal entry is written."""
-
-    @property
-    def guard(self) -> bool:
-        """Whether to start the freeze guard before each freeze."""
-
-    def timeouts(self) -> Timeouts:
-        """The orchestrator's timeouts, validated now (UsageError)."""
-
-
-class Step(enum.IntEnum):
-    """How far one overlay's preparation got. Each step counts as (maybe) done as soon as it
-    is sent: a lost reply or a caller that gives up must not hide a file or a node from the
-    cleanup, which checks what really exists before it removes anything."""
-
-    NONE = 0
-    FILE = 1  # blockdev-create of the file sent: a file of ours may exist
-    FILE_NODE = 2  # blockdev-add of the file node sent
-    NODE = 3  # blockdev-add of the qcow2 node sent
-
-
-@dataclass
-class Overlay:
-    """One disk's overlay while it is being prepared (internal bookkeeping)."""
-
-    node: str  # the disk's format node
-    path: str  # the overlay file
-    base: BlockNode
-    node_name: str  # the overlay's qcow2 node
-    file_node_name: str  # the overlay's file node
-    step: Step = Step.NONE
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """The orchestrator's timeouts, validated, as one run uses them."""
-
-    agent: float
-    thaw: float
-    command: float
-    job: float
-
-
-class _Unquiescable(Exception):
-    """Preflight found that no freeze can be attempted (internal)."""
-
-
-
-async def _keeping_thaw_error(failure: BaseException | None, step: Coroutine[Any, Any, None]) -> None:
-    """Run a clean-up step to completion while ``failure`` propagates. If that failure is a
-    ThawError, nothing that happens meanwhile (a late cancellation, a timeout of the caller)
-    may replace it: the caller must learn that the guest may still be frozen."""
-    try:
-        await run_to_completion(step)
-    except BaseException as late:
-        if isinstance(failure, ThawError):
-            log.warning("ignored during clean-up after a failed thaw: %r", late)
-            return
-        raise
-
-
-async def all_or_none(coros: list[Coroutine[Any, Any, None]]) -> None:
-    """Run ``coros`` as one task group: each in a task of its own; the first failure cancels
-    the others; a cancellation of the caller (native, or re-delivered again and again by an
-    anyio cancel scope) cancels each of them once. Either way every one of them has finished
-    (its own clean-up, e.g. a job's cancel and dismiss, included) before this returns or
-    raises: nothing goes on behind the caller's back. Each must bound its own duration."""
-    if not coros:
-        return
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    interrupted: BaseException | None = None
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except BaseException as exc:  # the caller was cancelled
-        interrupted = exc
-    failed = any(t.done() and not t.cancelled() and t.exception() is not None for t in tasks)
-    if interrupted is not None or failed:
-        for t in tasks:
-            t.cancel()  # once each; a done task ignores it
-    with anyio.CancelScope(shield=True):
-        while not all(t.done() for t in tasks):
-            try:
-                await asyncio.wait(tasks)
-            except asyncio.CancelledError as exc:  # native cancellation goes through a shield
-                interrupted = interrupted or exc
-    if interrupted is not None:
-        raise interrupted
-    for t in tasks:
-        if not t.cancelled() and (error := t.exception()) is not None:
-            raise error
-
-
-
-
-def _checked_node(node: BlockNode) -> BlockNode:
-    """A node from ``query-named-block-nodes`` whose members this module uses have the right
-    types (QEMU's replies are checked, not trusted), else MonitorProtocolError."""
-    raw = node.raw
-    if (
-        not isinstance(raw, Mapping)
-        or not isinstance(raw.get("node-name"), str)
-        or not isinstance(raw.get("drv"), str)
-        or not isinstance(raw.get("file", ""), str)
-        or not isinstance(raw.get("backing_file") or "", str)
-        or isinstance(node.virtual_size, bool)
-        or (node.virtual_size is not None and node.virtual_size < 0)
-    ):
-        raise MonitorProtocolError(
-            f"query-named-block-nodes: an entry with members of the wrong type: {raw!r:.300}"
-        )
-    return node
 
 
 class Operation:
@@ -235,9 +102,8 @@ class Operation:
         self.t = timeouts
         self.state = SnapshotState(SnapshotRecord())
         self.record = self.state.record
-        self.agent: GuestAgent | None = None
-        self.own_agent = False  # we connected it, we close it
-        self.stale_agents: list[GuestAgent] = []  # ours, replaced by a reconnect: closed at the end
+        # The agent connection (the orchestrator's, or ours to close), chosen at preflight.
+        self.agent_link = AgentLink(orch, self.mon, timeouts.agent)
         self.overlays: list[Overlay] = []
         self.times: dict[str, float] = {}
         self.token = secrets.token_hex(4)
@@ -245,16 +111,22 @@ class Operation:
         self.warnings: list[str] = []
         self.filesystems: int | None = None  # what guest-get-fsinfo lists, if it answers
         self.mountpoints: tuple[str, ...] | None = None  # freeze only these (None: all)
-        # The last agent error that hid the freeze's outcome or failed a thaw (for messages).
-        self.agent_error: BaseException | None = None
-        # When the resolution of a freeze without reply must give up (thaw_timeout from its
-        # first attempt, wherever it continues).
-        self.resolve_deadline: float | None = None
         # A BaseException raised by on_phase, held until it is safe to raise (see _checkpoint).
         self.interrupt: BaseException | None = None
         # Crash safety (issue 13): the VM's identity, this operation's journal entry, and the
         # freeze guard.
         self.safety = CrashSafety(self)
+        # The agent's checks, at preflight and again before the freeze and the transaction.
+        self.agent_preflight = AgentPreflight(orch, self.mon, self.agent_link, self.state,
+                                              timeouts.agent)
+        # The thaw phase: a freeze of unknown outcome resolved, ours thawed.
+        self.settler = FreezeSettler(self.state, self.safety, self.agent_link, timeouts,
+                                     self.warnings)
+
+    @property
+    def agent(self) -> GuestAgent | None:
+        """The agent connection in use (``agent_link``'s; None until preflight chose one)."""
+        return self.agent_link.agent
 
     # --- driver ---------------------------------------------------------------------------
 
@@ -270,7 +142,11 @@ class Operation:
                     if self.mode is Quiesce.OFF:
                         self.state.skip("quiesce is off")
                     else:
-                        await self._preflight_agent()
+                        try:
+                            self.filesystems = await self.agent_preflight.check(
+                                self.vm_running, self.mountpoints)
+                        except Unquiescable as exc:
+                            self._no_freeze(exc)
                 # Durably, before anything is created: what this operation is about to make.
                 self.safety.journal_prepare()
                 # The guard's start-up (~0.1 s) overlaps the prepare phase.
@@ -280,11 +156,11 @@ class Operation:
                 await self._freeze_snapshot_thaw()
                 await self.after_window()
             except BaseException as exc:
-                await _keeping_thaw_error(exc, self._cleanup(exc))
+                await keeping_thaw_error(exc, self._cleanup(exc))
                 raise
             finally:
-                await _keeping_thaw_error(sys.exc_info()[1], self.safety.finish_journal())
-                await _keeping_thaw_error(sys.exc_info()[1], self._close_agents())
+                await keeping_thaw_error(sys.exc_info()[1], self.safety.finish_journal())
+                await keeping_thaw_error(sys.exc_info()[1], self.agent_link.close())
         except BaseException as exc:
             held = self.interrupt
             if held is not None and held is not exc:
@@ -383,6 +259,12 @@ class Operation:
         if self.mode is Quiesce.REQUIRED:
             raise self.fail(f"quiesce required but not possible: {self.state.reason}", cause)
 
+    def _no_freeze(self, exc: Unquiescable) -> None:
+        """An agent check found that no freeze can be attempted: say why (``exc``) and apply
+        the policy."""
+        self.state.skip(str(exc))
+        self._policy(exc.__cause__)
+
     # --- crash safety (issue 13): the journal and the guard are self.safety's ---------------
 
     def describe_entry(self, entry: Entry) -> None:
@@ -429,12 +311,12 @@ class Operation:
             raise self.fail(f"preflight: cannot query QEMU: {exc}", exc) from exc
         self.vm_running = isinstance(status, dict) and status.get("status") == "running"
         for i, (key, path) in enumerate(disks.items()):
-            node = await self._resolve_node(key, nodes)
+            node = await resolve_node(self.mon, key, nodes, self.fail)
             base = nodes.get(node)
             if base is None:
                 raise UsageError(f"no block node named {node!r}")
             try:
-                base = _checked_node(base)
+                base = checked_node(base)
             except MonitorProtocolError as exc:
                 raise self.fail(f"preflight: {exc}", exc) from exc
             if any(o.node == node for o in self.overlays):
@@ -451,96 +333,6 @@ class Operation:
                     file_node_name=f"qa{self.token}f{i}",
                 )
             )
-
-    async def _resolve_node(self, key: str, nodes: Mapping[str, BlockNode]) -> str:
-        """The format node of ``key``: a node name, or a device's qdev id."""
-        if key in nodes:
-            return key
-        try:
-            node = await self.mon.device_node_name(key)
-        except MonitorCommandError as exc:
-            raise UsageError(f"no block node or device named {key!r}") from exc
-        except MonitorError as exc:
-            raise self.fail(f"preflight: cannot resolve device {key!r}: {exc}", exc) from exc
-        except (AttributeError, KeyError, TypeError) as exc:
-            # query-block members of the wrong type, met while the monitor parsed them
-            err = MonitorProtocolError(f"query-block: a malformed entry ({exc!r})")
-            err.__cause__ = exc
-            raise self.fail(f"preflight: cannot resolve device {key!r}: {err}", err) from err
-        if not isinstance(node, str):
-            err = MonitorProtocolError(f"query-block: node-name of {key!r} is not a string: {node!r:.100}")
-            raise self.fail(f"preflight: {err}", err)
-        return node
-
-    async def _preflight_agent(self) -> None:
-        try:
-            await self._check_agent()
-        except _Unquiescable as exc:
-            self.state.skip(str(exc))
-            self._policy(exc.__cause__)
-
-    async def _check_agent(self) -> None:
-        orch = self.orch
-        if not orch.has_agent:
-            raise _Unquiescable("no guest agent was given")
-        if not self.vm_running:
-            raise _Unquiescable("the VM is not running")
-        # Invariant 2: the port first; a request written to a closed port would be queued and
-        # answered much later, to whoever is connected then.
-        try:
-            port_open = await self.mon.agent_port_open(orch.agent_chardev)
-        except (AgentError, MonitorError) as exc:
-            raise _Unquiescable(f"cannot read the agent port state: {exc}") from exc
-        if not port_open:
-            raise _Unquiescable("the guest agent's port is closed in the guest (agent not running)")
-        t = self.t.agent
-        try:
-            if orch.agent is not None:
-                self.agent = orch.agent
-                await self.agent.sync(timeout=t)
-            else:
-                assert orch.agent_address is not None
-                self.agent = await GuestAgent.connect(orch.agent_address, timeout=t)
-                self.own_agent = True
-            await self.agent.ping(timeout=t)
-            status = await self.agent.fsfreeze_status(timeout=t)
-        except AgentError as exc:
-            raise _Unquiescable(f"the guest agent does not answer: {exc}") from exc
-        if status is FreezeStatus.FROZEN:
-            # Invariant 3: frozen by someone else. Quiescent, but not ours: never thaw it.
-            self.state.external()
-            log.info("guest already frozen by someone else: snapshot without freeze or thaw")
-            return
-        try:
-            info = await self.agent.info(timeout=t)
-        except AgentError as exc:
-            raise _Unquiescable(f"guest-info failed: {exc}") from exc
-        disabled = [c for c in FREEZE_COMMANDS if not info.is_enabled(c)]
-        if disabled:
-            raise _Unquiescable(f"the guest agent has {', '.join(disabled)} disabled")
-        if self.mountpoints is not None:
-            await self._check_mountpoints(info)
-        elif info.is_enabled("guest-get-fsinfo"):
-            # To notice a freeze that freezes fewer filesystems than there are (see _freeze).
-            try:
-                fsinfo = await self.agent.get_fsinfo(timeout=t)
-                self.filesystems = len({fs.get("mountpoint") for fs in fsinfo})
-            except AgentError as exc:
-                log.info("guest-get-fsinfo failed (%s); freeze counts are not cross-checked", exc)
-
-    async def _check_mountpoints(self, info: Any) -> None:
-        """Every chosen mountpoint is one the guest has (before anything is frozen or made):
-        qemu-ga would skip an unknown one silently. UnknownMountpointError otherwise."""
-        assert self.agent is not None and self.mountpoints is not None
-        for command in ("guest-fsfreeze-freeze-list", "guest-get-fsinfo"):
-            if not info.is_enabled(command):
-                raise _Unquiescable(f"mountpoints= needs {command}, which the agent has disabled")
-        try:
-            fsinfo = await self.agent.get_fsinfo(timeout=self.t.agent)
-        except AgentError as exc:
-            raise _Unquiescable(f"guest-get-fsinfo failed, the mountpoints cannot be checked: {exc}") from exc
-        require_known(self.mountpoints, fsinfo)
-        self.filesystems = len(self.mountpoints)
 
     # --- prepare --------------------------------------------------------------------------
 
@@ -613,7 +405,10 @@ class Operation:
         try:
             if st.freeze is FreezeState.NOT_TRIED:
                 # Port state again, right before the freeze: prepare may have taken a while.
-                await self._check_port_still_open()
+                try:
+                    await self.agent_preflight.check_port_still_open()
+                except Unquiescable as exc:
+                    self._no_freeze(exc)
             if st.freeze is FreezeState.NOT_TRIED:
                 # Durably, before the freeze is written (outside the window), and the guard up.
                 self.safety.journal_write("freeze")
@@ -634,20 +429,9 @@ class Operation:
             # not is resolved now, and ours is thawed, to completion.
             if st.must_settle:
                 with self.phase(Phase.THAW):
-                    await run_to_completion(self._settle())
+                    await run_to_completion(self.settler.settle())
                     self.safety.settled()
             self.safety.settled()
-
-    async def _check_port_still_open(self) -> None:
-        try:
-            port_open = await self.mon.agent_port_open(self.orch.agent_chardev)
-        except (AgentError, MonitorError) as exc:
-            self.state.skip(f"cannot read the agent port state before the freeze: {exc}")
-            self._policy(exc)
-            return
-        if not port_open:
-            self.state.skip("the guest agent's port closed before the freeze (agent stopped)")
-            self._policy()
 
     def _freeze_written(self) -> None:
         """``on_sent`` of our freeze: this call's request was handed to the transport."""
@@ -694,11 +478,11 @@ class Operation:
             # caller cancelled while the freeze was in flight: it may or may not have frozen
             # the guest. A cancellation goes on (the finally resolves it); an agent error is
             # resolved now, within what is left of the window.
-            self.agent_error = exc
+            self.settler.agent_error = exc
             if not isinstance(exc, AgentError):
                 raise
             log.warning("the freeze got no reply (%s): reading the status", exc)
-            await self._resolve(self._window_end())
+            await self.settler.resolve(self._window_end())
             if st.freeze is FreezeState.NOT_FROZEN:
                 self._policy(exc)
             return
@@ -720,44 +504,16 @@ class Operation:
             )
             log.warning("%s", self.warnings[-1])
 
-    async def _resolve(self, until: float) -> None:
-        """After a freeze with no reply: resync and read the status, until ``until`` at the
-        latest (and within the resolution's own budget, ``thaw_timeout`` from its first
-        attempt). Frozen means ours (it was thawed at preflight): SENT_UNRESOLVED -> OURS, or
-        NOT_FROZEN; still SENT_UNRESOLVED if time ran out. Never raises an AgentError."""
-        st = self.state
-        if self.resolve_deadline is None:
-            self.resolve_deadline = time.monotonic() + self.t.thaw
-        deadline = min(until, self.resolve_deadline)
-        pause = 0.05
-        while st.freeze is FreezeState.SENT_UNRESOLVED and time.monotonic() < deadline:
-            agent = self.agent
-            assert agent is not None
-            try:
-                with self.safety.turn() as mine:
-                    if not mine:
-                        return  # the guard has the agent: _settle takes its result
-                    # Resyncs first: the late freeze reply, if any, is dropped as stale.
-                    status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
-            except AgentError as exc:
-                self.agent_error = exc
-                if not agent.is_connected and await self._reconnect_agent(deadline) is None:
-                    return
-                await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-                pause = min(pause * 2, 1.0)
-                continue
-            log.warning("freeze reply lost; status is %s", status.value)
-            st.freeze_resolved(
-                status is FreezeStatus.FROZEN,
-                f"the freeze got no reply ({self.agent_error}) and did not freeze",
-            )
-
     async def _snapshot(self) -> None:
         """The transaction phase: under our freeze (bounded by the window), under someone
         else's (re-checked first), or crash-consistent."""
         st = self.state
         if st.freeze is FreezeState.EXTERNAL:
-            await self._recheck_external()
+            try:
+                await self.agent_preflight.check_still_frozen()
+            except Unquiescable as exc:
+                st.external_ended(str(exc))
+                self._policy(exc.__cause__)
         if st.freeze is FreezeState.SENT_UNRESOLVED:
             await self._window_exceeded(
                 None,
@@ -768,27 +524,6 @@ class Operation:
             await self._transaction(self._window_end())
         else:
             await self._transaction(None)
-
-    async def _recheck_external(self) -> None:
-        """Someone else's freeze may have ended since preflight: read the status right before
-        the transaction; if it is not frozen (or cannot be read), the snapshot is not
-        quiesced."""
-        assert self.agent is not None
-        try:
-            status = await self.agent.fsfreeze_status(timeout=self.t.agent)
-        except AgentError as exc:
-            self.state.external_ended(
-                f"the guest was frozen by someone else at preflight, and whether it still is "
-                f"cannot be read before the transaction: {exc}"
-            )
-            self._policy(exc)
-            return
-        if status is not FreezeStatus.FROZEN:
-            self.state.external_ended(
-                "the guest was frozen by someone else at preflight, but was thawed before "
-                "the transaction"
-            )
-            self._policy()
 
     def _window_reason(self) -> str:
         return f"the freeze window exceeded freeze_timeout ({self.freeze_timeout:g}s)"
@@ -863,7 +598,7 @@ class Operation:
         st.not_quiesced(reason)
         if st.must_settle:
             with self.phase(Phase.THAW):
-                await run_to_completion(self._settle())
+                await run_to_completion(self.settler.settle())
         applied = st.transaction is TransactionState.SENT and await self._learn_transaction()
         if applied:
             # The snapshot exists but may have been taken after the thaw: not quiesced.
@@ -888,7 +623,7 @@ class Operation:
         # backing: null, so it reports a backing file only once blockdev-snapshot attached
         # it. (Not backing_file_depth: with flat=true QEMU reports 0 for every node.)
         ov = nodes.get(self.overlays[0].node_name)
-        return ov is not None and _checked_node(ov).backing_file is not None
+        return ov is not None and checked_node(ov).backing_file is not None
 
     async def _learn_transaction(self) -> bool:
         """Whether a transaction whose reply was not seen was applied: SENT -> APPLIED or
@@ -909,140 +644,13 @@ class Operation:
         st.transaction_outcome(TransactionState.APPLIED if applied else TransactionState.NOT_APPLIED)
         return applied
 
-    # --- the thaw phase -------------------------------------------------------------------
-
-    async def _settle(self) -> None:
-        """The thaw phase: resolve a freeze whose outcome is not known, then thaw ours.
-        Shielded from cancellation and bounded, every step in it, by ``thaw_timeout`` (a hard
-        deadline on top of each step's own timeout). Raises ThawError if the guest may still
-        be frozen by us."""
-        st = self.state
-        if not st.must_settle:
-            return
-        deadline = time.monotonic() + self.t.thaw
-        self.safety.extend_guard(deadline)  # we are thawing: the guard waits for us until then
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + self.t.thaw
-            if st.freeze is FreezeState.SENT_UNRESOLVED and not self.safety.guard_has_it():
-                await self._resolve(deadline)
-            if st.freeze is FreezeState.OURS and not self.safety.guard_has_it():
-                await self._thaw(deadline)
-            if st.must_settle and self.safety.guard_has_it():
-                await self.safety.take_guard_result(deadline)
-        last = self.agent_error
-        if st.freeze is FreezeState.SENT_UNRESOLVED:
-            st.thaw_failed()
-            raise ThawError(
-                f"a freeze got no reply and its outcome cannot be read ({last}): "
-                "the guest MAY BE FROZEN; check guest-fsfreeze-status and thaw it",
-                self.record,
-            ) from last
-        if st.freeze is FreezeState.OURS:
-            st.thaw_failed()
-            raise ThawError(
-                f"thawing the guest failed ({last}): THE GUEST MAY STILL BE FROZEN; check "
-                "guest-fsfreeze-status and thaw it (qmpagent agent fsfreeze thaw)",
-                self.record,
-            ) from last
-
-    async def _thaw(self, deadline: float) -> None:
-        """Thaw our freeze, resyncing, re-reading the status and reconnecting after a
-        failure, until ``deadline``: OURS -> THAWED, or still OURS if it cannot be confirmed."""
-        st = self.state
-        agent = self.agent
-        assert agent is not None
-        pause = 0.05
-        while time.monotonic() < deadline:
-            try:
-                with self.safety.turn() as mine:
-                    if not mine:
-                        return  # the guard has the agent: _settle takes its result
-                    n = await agent.fsfreeze_thaw(timeout=self._attempt_timeout(deadline))
-                    st.thaw_confirmed(n, time.monotonic())
-                    self.safety.disarm_guard()  # before the turn ends: the guard never acts after it
-                if n > st.frozen:
-                    # qemu-ga's thaw takes no list: it thawed a freeze that was not ours.
-                    self.warnings.append(
-                        f"the thaw thawed {n} filesystems, {n - st.frozen} more than this "
-                        "snapshot froze: another tool's freeze in the guest was thawed too"
-                    )
-                    log.warning("%s", self.warnings[-1])
-                return
-            except AgentError as exc:
-                self.agent_error = exc
-                log.warning("thaw failed: %s", exc)
-            # Did it thaw anyway (a lost reply)? The status decides.
-            if time.monotonic() >= deadline:
-                break
-            try:
-                with self.safety.turn() as mine:
-                    if not mine:
-                        return
-                    status = await agent.fsfreeze_status(timeout=self._attempt_timeout(deadline))
-                    if status is FreezeStatus.THAWED:
-                        # The thaw went through; its count was lost with the reply: it thawed
-                        # (at least) what we froze.
-                        st.thaw_confirmed(None, time.monotonic())
-                        self.safety.disarm_guard()
-                        log.warning("thaw reply lost, but the guest is thawed")
-                        return
-            except AgentError as exc:
-                self.agent_error = exc
-            if not agent.is_connected:
-                reconnected = await self._reconnect_agent(deadline)
-                if reconnected is None:
-                    return
-                agent = reconnected
-            await anyio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(pause * 2, 1.0)
-
-    def _attempt_timeout(self, deadline: float) -> float:
-        """One thaw or status attempt may take the agent timeout, or half of what is left of
-        the budget if that is longer, but never more than what is left."""
-        remaining = deadline - time.monotonic()
-        return max(0.001, min(remaining, max(self.t.agent, remaining / 2)))
-
-    async def _reconnect_agent(self, deadline: float) -> GuestAgent | None:
-        """Connect to the agent's address again (if we have one and its port is open), within
-        ``deadline``; the connection replaced is closed at the end of the run."""
-        address = self.orch.agent_address
-        if address is None:
-            return None
-        # Invariant 2 holds for a reconnect too: never write to a port nobody reads.
-        try:
-            with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-                port_open = await self.mon.agent_port_open(self.orch.agent_chardev)
-        except (AgentError, MonitorError, TimeoutError):
-            return None
-        left = deadline - time.monotonic()
-        if not port_open or left <= 0:
-            return None
-        try:
-            agent = await GuestAgent.connect(address, timeout=min(self.t.agent, left))
-        except AgentError:
-            return None
-        agent.timeout = self.t.agent
-        if self.own_agent and self.agent is not None:
-            self.stale_agents.append(self.agent)
-        self.agent = agent
-        self.own_agent = True
-        return agent
-
     async def release_agent(self) -> None:
         """For :meth:`after_window` hooks: the agent is not needed any more, so the freeze guard
         (it holds a duplicate of the agent connection) and a connection of ours are closed now,
         not at the end of the run (the agent serves one client at a time)."""
         await self.safety.stop_guard()
-        await self._close_agents()
-        self.own_agent = False
-
-    async def _close_agents(self) -> None:
-        agents = list(self.stale_agents)
-        if self.own_agent and self.agent is not None:
-            agents.append(self.agent)
-        self.stale_agents.clear()
-        for agent in agents:
-            await agent.close()
+        await self.agent_link.close()
+        self.agent_link.own = False
 
     # --- cleanup --------------------------------------------------------------------------
 
