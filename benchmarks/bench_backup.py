@@ -16,9 +16,10 @@ in-guest writer on ``/mnt/data``).
   (``durable=False``) vs ``convert`` (both leave the data in the page cache: convert's
   default cache mode never flushes), and ``backup`` (durable, the default) vs
   ``convert+fsync`` (convert, then an fsync of its output). The page cache is written out
-  (``sync``, untimed) before each method. Throughput = virtual size / time; the backup's
-  time is its whole operation (preflight to the detached, complete target). Target: both
-  ratios >= 0.8x (medians).
+  (``sync``, untimed) before each method, then ``--settle`` seconds pass (untimed: freed
+  memory goes back to the hypervisor on this VM, see the option). Throughput = virtual size /
+  time; the backup's time is its whole operation (preflight to the detached, complete
+  target). Target: both ratios >= 0.8x (medians).
 * **Incremental** (``--inc-rounds``): 1% of the 64 MiB data disk changed from inside the guest
   (a file of random bytes, synced), then an incremental backup. Reported: its ``bytes_copied``
   and the target's allocated size, as a share of the disk's size. Target: <= 3% (median).
@@ -176,8 +177,10 @@ async def throughput(b: BackupBench, args: argparse.Namespace, report: Report) -
             for name in rotate(tuple(names), r):
                 out = os.path.join(g.workdir, f"tp-{name}{r}.qcow2")
                 # Untimed: what the previous method left dirty in the page cache is written
-                # out first, so that its write-back does not slow this one down.
+                # out first, so that its write-back does not slow this one down; then the
+                # memory it freed is given time to go back to the hypervisor (see --settle).
                 await asyncio.to_thread(os.sync)
+                await asyncio.sleep(args.settle)
                 if name.startswith("convert"):
                     rows[name].append(await convert(out, durable=name == "convert+fsync"))
                 else:
@@ -308,11 +311,19 @@ def main() -> None:
                         help="virtual size of the throughput node in MiB (default 4096; half of it "
                              "is written: large enough that the backup's fixed cost of ~0.25 s "
                              "does not dominate)")
+    parser.add_argument("--settle", type=float, default=4.0,
+                        help="seconds to wait (untimed) before each throughput method, after "
+                             "the previous one's output was removed and synced (default 4). On a "
+                             "VM with free page reporting (virtio-balloon, as this build machine) "
+                             "memory freed more than ~2 s earlier has gone back to the host and is "
+                             "faulted in again by the next 2 GiB written, which adds about a second "
+                             "to whichever method comes at the wrong moment; waiting puts every "
+                             "method in the same state (0: no wait, a bimodal spread)")
     parser.add_argument("--json", action="store_true",
                         help="print a JSON result on stdout (the report goes to stderr)")
     args = parser.parse_args()
-    if min(args.rounds, args.tp_rounds, args.inc_rounds) < 1 or args.big_mib < 2:
-        parser.error("rounds must be positive and --big-mib at least 2")
+    if min(args.rounds, args.tp_rounds, args.inc_rounds) < 1 or args.big_mib < 2 or args.settle < 0:
+        parser.error("rounds must be positive, --big-mib at least 2 and --settle not negative")
     report = Report(args.json)
     document = asyncio.run(run(args, report))
     report.emit_json(document)
