@@ -34,6 +34,7 @@ its own transaction added; the guest is thawed on every path (or :class:`~qmpage
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import time
@@ -135,12 +136,31 @@ class Target(Overlay):
 
 
 def _fsync_all(files: list[str]) -> None:
-    """Write each of ``files``, then their directories, to stable storage."""
-    directories = sorted({os.path.dirname(os.path.abspath(f)) for f in files})
-    for path in files + directories:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Write each of ``files``, then each of their directories (once), to stable storage.
+
+    A directory is opened as the kernel resolves the file's path (``dirname`` as written, not
+    normalised: ``link/..`` is where the link leads). A directory that cannot be fsync'd by its
+    filesystem (EINVAL) is not an error: the file's own fsync is what holds its data.
+
+    Raises:
+        OSError: naming the file or directory whose fsync failed.
+    """
+    seen: set[tuple[int, int]] = set()
+    for path, is_dir in [(f, False) for f in files] + [(os.path.dirname(f), True) for f in files]:
         try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else 0))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot open {path} to fsync it: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
             os.fsync(fd)
+        except OSError as exc:
+            if is_dir and exc.errno == errno.EINVAL:
+                continue
+            raise OSError(exc.errno, f"fsync of {path} failed: {exc.strerror}") from exc
         finally:
             os.close(fd)
 
@@ -280,7 +300,8 @@ class BackupOperation(Operation):
         # partly written target is never a backup (a failed one is removed, a dead one by
         # recover), so ordering within it buys nothing; a complete one is made durable once,
         # after its nodes are closed, by _make_durable, whose errors fail the backup (the
-        # flush of blockdev-del ignores them).
+        # flush of blockdev-del ignores them). (Fleecing images, fleece's, inherit this: a
+        # temporary image needs no durability at all.)
         options = super().file_options(ov)
         options["cache"] = {"no-flush": True}
         return options
@@ -335,15 +356,18 @@ class BackupOperation(Operation):
                 await all_or_none([self._copy(t) for t in self.targets])
                 for t in self.targets:
                     await self._detach(t)
-                if self.durable:
-                    await self._make_durable()
             except QMPAgentError as exc:
                 raise self.fail(f"the copy failed: {exc}", exc) from exc
             except TimeoutError as exc:
                 raise self.fail(f"the copy timed out: {exc}", exc) from exc
-            except OSError as exc:
-                raise self.fail(f"the copy is complete but cannot be written to stable "
-                                 f"storage: {exc}", exc) from exc
+            if self.durable:
+                try:
+                    await self._make_durable()
+                except OSError as exc:
+                    raise self.fail(
+                        f"the copy is complete but cannot be written to stable storage: {exc} "
+                        "(durable=False, CLI --no-fsync, leaves it to the page cache instead)",
+                        exc) from exc
         self._record_chains()
         self.succeeded = True
 
@@ -420,12 +444,22 @@ class BackupOperation(Operation):
 
     async def _make_durable(self) -> None:
         """After the targets are closed (QEMU wrote out its caches): their data, metadata and
-        directory entries are written to stable storage (``fsync``), in a worker thread.
+        directory entries are written to stable storage (``fsync``), in a worker thread,
+        within ``job_timeout`` seconds. A cancellation (or the timeout) returns at once; the
+        thread finishes its fsync on its own (the failed backup then removes the files, which
+        is safe while the thread still has one open).
 
         Raises:
-            OSError: an ``fsync`` failed (the backup may not be on stable storage).
+            OSError: an ``fsync`` failed or did not finish in time (the backup may not be on
+                stable storage).
         """
-        await anyio.to_thread.run_sync(_fsync_all, [t.path for t in self.targets])
+        limit = self.t.job
+        with anyio.move_on_after(limit) as scope:
+            await anyio.to_thread.run_sync(_fsync_all, [t.path for t in self.targets],
+                                           abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            raise OSError(errno.ETIMEDOUT, f"the fsync did not finish within {limit:g}s "
+                          "(job_timeout)")
 
     def _record_chains(self) -> None:
         """The completed backups are now the ``since`` of the next incrementals."""
@@ -501,7 +535,7 @@ class BackupOperation(Operation):
                     if not t.detached:
                         await self.remove_overlay(t, existing)
                     else:
-                        self._unlink_detached(t)
+                        self.unlink_target(t)
 
     def _clear_pending(self) -> None:
         """After a failure: a target whose job did not complete (or never started) lost no
@@ -526,7 +560,9 @@ class BackupOperation(Operation):
             except OSError as exc:
                 log.warning("cleanup: cannot clear the backup record of %s: %s", t.key, exc)
 
-    def _unlink_detached(self, t: Target) -> None:
+    def unlink_target(self, t: Target) -> None:
+        """Remove the file of a target (a complete backup that failed later, or a fleecing
+        image, which nothing needs once its export ended). Never raises (an error is logged)."""
         try:
             os.unlink(t.path)
         except FileNotFoundError:

@@ -37,7 +37,7 @@ from ._shield import run_to_completion
 from .arguments import new_image_paths, overlay_path, quiesce_mode, seconds
 from .backup import BackupOperation, Target
 from .errors import MonitorCommandError, MonitorError, QMPAgentError, UsageError
-from .operation import OrchestratorView, Overlay
+from .operation import OrchestratorView, Overlay, Step
 from .snapshot_state import Phase
 from .snapshot_types import PhaseCallback, Quiesce, SnapshotResult
 
@@ -207,6 +207,15 @@ class Fleece:
         await op.teardown_exports()
         # What a failed set-up undoes: the jobs ended, the nodes detached, the files removed.
         await op.undo()
+        # A fleecing image is only ever this export's (it is not journalled, so nothing else
+        # would remove it): removed even where the undo could not detach its nodes, e.g. QEMU
+        # exited with the guest's shutdown. A QEMU still running keeps its open file.
+        if not op.mon.is_open:
+            log.warning("QEMU is unreachable: its NBD exports, jobs and fleecing nodes could "
+                        "not be removed, if it still runs")
+        for t in op.targets:
+            if t.step >= Step.FILE and t.path not in op.record.files_removed:
+                op.unlink_target(t)
 
 
 def fleece(

@@ -29,10 +29,12 @@ def clean_env() -> dict[str, str]:
 
 
 async def start(*args: object, **kwargs: Any) -> asyncio.subprocess.Process:
+    streams = {"stdin": asyncio.subprocess.PIPE, "stdout": asyncio.subprocess.PIPE,
+               "stderr": asyncio.subprocess.PIPE}
+    streams.update({k: kwargs.pop(k) for k in list(streams) if k in kwargs})
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "qmpagent", *map(str, args),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=kwargs.pop("env", clean_env()), **kwargs,
+        env=kwargs.pop("env", clean_env()), **streams, **kwargs,
     )
 
 

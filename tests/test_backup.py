@@ -431,6 +431,59 @@ async def test_a_failed_fsync_fails_the_backup_and_the_next_must_be_full(
         await orch.backup(targets(vm, "full2"), state_dir=state)
 
 
+async def test_the_directory_fsynced_is_the_one_the_kernel_resolves(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsynced = _fsynced(monkeypatch)
+    async with FakeVM() as vm, await Monitor.connect(vm.qmp_address) as mon:
+        (vm.workdir / "real" / "sub").mkdir(parents=True)
+        (vm.workdir / "other").mkdir()
+        (vm.workdir / "other" / "link").symlink_to(vm.workdir / "real" / "sub")
+        target = str(vm.workdir / "other" / "link" / ".." / "t.qcow2")  # is real/t.qcow2
+        orch = SnapshotOrchestrator(mon, agent=vm.agent_address)
+        await orch.backup({"vblk0": target}, state_dir=state)
+        assert (vm.workdir / "real" / "t.qcow2").exists()
+        ours = sorted(p for p in fsynced if p.startswith(str(vm.workdir)))
+        assert ours == [str(vm.workdir / "real"), str(vm.workdir / "real" / "t.qcow2")]
+
+
+async def test_an_fsync_that_hangs_is_bounded_and_fails_the_backup(
+    state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    release = threading.Event()
+    real = os.fsync
+
+    def fsync(fd: int) -> None:  # storage that stops answering (a hung NFS server, say)
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(vm.workdir)):
+            release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        async with FakeVM() as vm, await Monitor.connect(vm.qmp_address) as mon:
+            orch = SnapshotOrchestrator(mon, agent=vm.agent_address, job_timeout=1.0)
+            with pytest.raises(BackupError, match=r"fsync did not finish within 1s") as err:
+                await asyncio.wait_for(orch.backup(targets(vm, "b"), state_dir=state), 20)
+            assert err.value.stage == "copy"
+            assert_clean(vm)
+            # Cancelled while the fsync hangs: the caller gets control back at once.
+            dels = len(vm.qmp.commands("blockdev-del"))
+            task = asyncio.ensure_future(orch.backup(targets(vm, "c"), state_dir=state))
+            async with asyncio.timeout(20):
+                while len(vm.qmp.commands("blockdev-del")) < dels + 2:  # noqa: ASYNC110 - a condition, bounded
+                    await asyncio.sleep(0.01)  # (until its target is detached)
+            await asyncio.sleep(0.2)  # now in the fsync
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+            assert_clean(vm)
+    finally:
+        release.set()
+
+
 _DRIVER = """
 import asyncio, sys
 from qmpagent import Monitor, SnapshotOrchestrator

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -76,14 +77,57 @@ async def test_serves_until_sigterm(tmp_path: Path) -> None:
         assert_torn_down(vm)
 
 
-async def test_a_command_that_cannot_run_exits_127_and_tears_down(tmp_path: Path) -> None:
+async def test_a_command_that_cannot_run_exits_127_or_126_and_tears_down(tmp_path: Path) -> None:
+    not_executable = tmp_path / "not-executable"
+    not_executable.write_text("#!/bin/sh\n")
     async with FakeVM() as vm:
-        r = await qmpagent("export", "--qmp", vm.qmp_address, "--agent", vm.agent_address,
+        for program, status in ((tmp_path / "no-such-program", 127), (not_executable, 126)):
+            r = await qmpagent("export", "--qmp", vm.qmp_address, "--agent", vm.agent_address,
+                               "--disk", f"vblk0={tmp_path / 'f.qcow2'}", "--socket", tmp_path / "s",
+                               "--", program, env=env(tmp_path))
+            assert r.rc == status, r
+            assert "cannot run" in r.err and program.name in r.err
+            assert_torn_down(vm)
+
+
+async def test_a_stop_reaches_every_process_of_the_command(tmp_path: Path) -> None:
+    """SIGTERM to qmpagent: the command's whole process group is stopped (here the shell and
+    the reader it started), then the export is torn down."""
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! > {pids}.tmp; mv {pids}.tmp {pids}; wait"
+    async with FakeVM() as vm:
+        proc = await start("export", "--qmp", vm.qmp_address, "--agent", vm.agent_address,
                            "--disk", f"vblk0={tmp_path / 'f.qcow2'}", "--socket", tmp_path / "s",
-                           "--", tmp_path / "no-such-program", env=env(tmp_path))
-        assert r.rc == 127, r
-        assert "cannot run" in r.err and "no-such-program" in r.err
+                           "--", "sh", "-c", script, env=env(tmp_path))
+        async with asyncio.timeout(60):
+            while not pids.exists():  # noqa: ASYNC110 - a condition, bounded
+                await asyncio.sleep(0.05)
+        reader = int(pids.read_text())
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 143, err
+        with pytest.raises(ProcessLookupError):  # gone (and reaped by its parent's end)
+            for _ in range(100):
+                os.kill(reader, 0)
+                await asyncio.sleep(0.05)
         assert_torn_down(vm)
+
+
+async def test_a_closed_stdout_still_runs_the_command(tmp_path: Path) -> None:
+    ran = tmp_path / "ran"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # whoever reads our output has gone before the first line
+    try:
+        async with FakeVM() as vm:
+            proc = await start("export", "--qmp", vm.qmp_address, "--agent", vm.agent_address,
+                               "--disk", f"vblk0={tmp_path / 'f.qcow2'}", "--socket", tmp_path / "s",
+                               "--", "sh", "-c", f"touch {ran}", env=env(tmp_path), stdout=write_end)
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            assert ran.exists()
+            assert_torn_down(vm)
+    finally:
+        os.close(write_end)
 
 
 async def test_a_failed_set_up_exits_10_and_leaves_nothing(tmp_path: Path) -> None:
@@ -104,6 +148,7 @@ async def test_a_failed_set_up_exits_10_and_leaves_nothing(tmp_path: Path) -> No
         ["export", "--qmp", "/x", "--disk", "d=/a", "--disk", "d=/b", "--socket", "/s"],
         ["export", "--qmp", "/x", "--disk", "d=/a"],  # no --socket
         ["export", "--qmp", "/x", "--socket", "/s"],  # no --disk
+        ["export", "--qmp", "/x", "--disk", "d=/a", "--socket", "/s", "--"],  # -- and no COMMAND
     ],
 )
 def test_usage_errors(argv: list[str], monkeypatch: pytest.MonkeyPatch,
@@ -113,3 +158,30 @@ def test_usage_errors(argv: list[str], monkeypatch: pytest.MonkeyPatch,
         main(argv)
     assert info.value.code == 2
     assert "usage: qmpagent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["shutdown", "kill"])
+async def test_qemu_gone_while_serving_leaves_no_image(tmp_path: Path, how: str) -> None:
+    from qmpagent import GuestAgent
+
+    async with FakeVM() as vm:
+        image = tmp_path / "f.qcow2"
+        proc = await start("--json", "export", "--qmp", vm.qmp_address, "--agent", vm.agent_address,
+                           "--disk", f"vblk0={image}", "--socket", tmp_path / "nbd.sock",
+                           env=env(tmp_path))
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert image.exists()
+        if how == "shutdown":  # the guest powers off; QEMU exits after SHUTDOWN
+            async with await GuestAgent.connect(vm.agent_address) as ga:
+                await ga.shutdown()
+        else:  # QEMU dies without an event
+            await vm.kill()
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        if how == "shutdown":
+            assert proc.returncode == 0, err
+            assert b"the VM shut down: ending the export" in err
+        else:
+            assert proc.returncode == 4, err  # QMP unavailable
+        # Nothing holds the fleecing image any more, and nothing else would remove it.
+        assert not image.exists()

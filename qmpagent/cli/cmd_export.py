@@ -9,12 +9,12 @@ import dataclasses
 import json
 import os
 import signal
-from typing import Final
+import sys
+from typing import Any, Final
 
 import anyio
 
 from ..fleece import FleeceResult
-from ..monitor import Monitor
 from .command import ADDRESS_HELP, Command
 from .exit_codes import ExitCode, exit_code_help
 from .orchestrated import OrchestratedOptions, add_orchestrated_arguments, connected_orchestrator
@@ -27,8 +27,9 @@ URI_ENV: Final = "QMPAGENT_NBD_URI"
 #: The environment of a ``-- COMMAND``: a JSON object, disk -> NBD URI.
 URIS_ENV: Final = "QMPAGENT_NBD_URIS"
 
-#: The exit status when ``-- COMMAND`` cannot be run (as a shell's for a command not found).
+#: The exit status when ``-- COMMAND`` is not found, or cannot be executed (as a shell's).
 _NOT_RUN: Final = 127
+_NOT_EXECUTABLE: Final = 126
 
 #: How long a ``-- COMMAND`` may take to exit after SIGTERM (when this command is stopped)
 #: before it is killed.
@@ -41,6 +42,13 @@ class ExportOptions(OrchestratedOptions):
 
     socket: str
     argv: list[str]
+
+    def usage_problem(self) -> str | None:
+        """Those of every such command; ``--`` must be followed by a COMMAND."""
+        problem = super().usage_problem()
+        if problem is None and self.argv == ["--"]:
+            return "-- must be followed by a COMMAND to run"
+        return problem
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,37 +81,59 @@ def _print(result: FleeceResult) -> None:
         out(f"  warning: {warning}")
 
 
-async def _serve(mon: Monitor) -> None:
-    """Until the caller is cancelled (a signal), or the VM shuts down."""
-    await mon.wait_event("SHUTDOWN", timeout=None)
-    err("the VM shut down: ending the export")
+def _print_result(result: FleeceResult, as_json: bool) -> None:
+    """The result on stdout. If its reader has gone (a closed pipe), COMMAND still runs: our
+    stdout (which COMMAND inherits) goes to /dev/null from then on."""
+    try:
+        if as_json:
+            emit_json(dataclasses.asdict(result))
+        else:
+            _print(result)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+async def _start_child(argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    """Start ``argv`` in a process group of its own: a stop of ours reaches every process of
+    it (``sh -c 'a && b'`` included), not only the first."""
+    group: dict[str, Any] = (
+        {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    )
+    return await asyncio.create_subprocess_exec(*argv, env=env, **group)
+
+
+def _signal_group(proc: asyncio.subprocess.Process, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signum)
 
 
 async def _run_child(argv: list[str], result: FleeceResult) -> int:
     """Run ``argv`` with the URIs in its environment; its exit status (128 + N if signal N
-    ended it). Cancelled (this command was stopped): it gets SIGTERM, then SIGKILL."""
+    ended it; 126 or 127 if it cannot be run). Cancelled (this command was stopped): its
+    process group gets SIGTERM, then SIGKILL after :data:`_CHILD_GRACE` seconds."""
     env = dict(os.environ)
     env[URIS_ENV] = json.dumps(result.uris)
     env.pop(URI_ENV, None)
     if len(result.uris) == 1:
         env[URI_ENV] = next(iter(result.uris.values()))
     try:
-        proc = await asyncio.create_subprocess_exec(*argv, env=env)
+        proc = await _start_child(argv, env)
     except OSError as exc:
         err(f"cannot run {argv[0]}: {exc.strerror or exc}")
-        return _NOT_RUN
+        return _NOT_RUN if isinstance(exc, FileNotFoundError) else _NOT_EXECUTABLE
     try:
         code = await proc.wait()
     except BaseException:
         with anyio.CancelScope(shield=True):
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM)
             with anyio.move_on_after(_CHILD_GRACE):
                 await proc.wait()
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+                _signal_group(proc, signal.SIGKILL)
+                with anyio.move_on_after(_CHILD_GRACE):  # (a process in uninterruptible I/O)
+                    await proc.wait()
         raise
     return 128 - code if code < 0 else code
 
@@ -112,18 +142,18 @@ async def _run(opts: ExportOptions) -> int:
     command = opts.argv[1:] if opts.argv[:1] == ["--"] else list(opts.argv)
     async with (
         connected_orchestrator(opts) as orch,
+        # Listening before the export is set up: a shutdown meanwhile is not missed.
+        orch.monitor.listen("SHUTDOWN", maxsize=1) as shutdown,
         orch.export(dict(opts.disk), socket=opts.socket, quiesce=opts.quiesce,
                     freeze_timeout=opts.freeze_timeout) as result,
     ):
-        if opts.json:
-            emit_json(dataclasses.asdict(result))
-        else:
-            _print(result)
+        _print_result(result, opts.json)
         if command:
             return await _run_child(command, result)
         if not opts.json:
             err("serving until Ctrl-C or SIGTERM (or the VM's shutdown)")
-        await _serve(orch.monitor)
+        await shutdown.get(timeout=None)
+        err("the VM shut down: ending the export")
     return ExitCode.OK
 
 
@@ -149,8 +179,9 @@ EXPORT: Command[ExportOptions] = Command(
     f"  {PROG} export --qmp /run/vm1/qmp.sock --agent /run/vm1/qga.sock \\\n"
     "      --disk vblk0=/var/tmp/vm1.fleece.qcow2 --socket /run/vm1/nbd.sock   # until Ctrl-C\n\n"
     f"{exit_code_help()}\n"
-    "With COMMAND, the exit status is COMMAND's once the export is set up (127: it cannot\n"
-    "be run).\n\n"
+    "With COMMAND, the exit status is COMMAND's once the export is set up (127: not found,\n"
+    "126: not executable). COMMAND runs in a process group of its own: a stop of this\n"
+    "command sends the group SIGTERM, then SIGKILL after 10 s.\n\n"
     "If the exit status is 8 (thaw failed), THE GUEST MAY STILL BE FROZEN: check with\n"
     f"`{PROG} agent --agent ADDR fsfreeze status` and thaw with `... fsfreeze thaw`.",
     options=ExportOptions,
