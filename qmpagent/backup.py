@@ -57,6 +57,7 @@ from .backup_chain import (
     write_record,
 )
 from .block_jobs import JobProgress
+from .durable import fsync_path
 from .errors import (
     BackupError,
     JobError,
@@ -148,21 +149,18 @@ def _fsync_all(files: list[str]) -> None:
     seen: set[tuple[int, int]] = set()
     for path, is_dir in [(f, False) for f in files] + [(os.path.dirname(f), True) for f in files]:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else 0))
+            st = os.stat(path)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot open {path} to fsync it: {exc.strerror}") from exc
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
         try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            os.fsync(fd)
+            fsync_path(path, directory=is_dir)
         except OSError as exc:
             if is_dir and exc.errno == errno.EINVAL:
                 continue
             raise OSError(exc.errno, f"fsync of {path} failed: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
 
 
 class BackupOperation(Operation):

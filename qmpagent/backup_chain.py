@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .durable import write_durably
 from .errors import BackupChainError, UsageError
 
 __all__ = [
@@ -133,7 +134,7 @@ def clear_pending(state_dir: str, disk_file: str, bitmap: str, target: str) -> N
 
 
 def write_record(state_dir: str, record: ChainRecord) -> None:
-    """Write ``record`` durably (temporary file, fsync, rename, directory fsync).
+    """Write ``record`` durably (:func:`~qmpagent.durable.write_durably`).
 
     Raises:
         OSError: it could not be written (the old record, if any, is still in place).
@@ -141,22 +142,8 @@ def write_record(state_dir: str, record: ChainRecord) -> None:
     path = _record_path(state_dir, record.disk_file, record.bitmap)
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
     data = json.dumps({"format": _FORMAT, **dataclasses.asdict(record)})
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_durably(directory, os.path.basename(path), data.encode())
 
 
 def qcow2_virtual_size(path: str) -> int | None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from .durable import fsync_path, write_durably
 from .errors import JournalError, MonitorError
 
 if TYPE_CHECKING:
@@ -449,35 +450,6 @@ def _opt(raw: Mapping[str, Any], key: str, kind: type) -> Any:
 # --- the directory -----------------------------------------------------------------------------
 
 
-def write_durably(directory: Path, name: str, data: bytes) -> None:
-    """Write ``directory/name`` atomically and durably: a temporary file, fsync, rename over
-    the old one, fsync of the directory. Raises OSError."""
-    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class Journal:
     """The journal directory (see the module docstring).
 
@@ -547,7 +519,7 @@ class Journal:
                 raise JournalError(f"cannot remove the journal file: {exc}", str(path)) from exc
         if removed:
             with contextlib.suppress(OSError):
-                _fsync_dir(self.directory)
+                fsync_path(self.directory, directory=True)
 
     def _read(self, path: Path) -> object:
         try:
