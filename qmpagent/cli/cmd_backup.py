@@ -14,6 +14,7 @@ from . import argtypes
 from .command import ADDRESS_HELP, Command
 from .exit_codes import ExitCode, exit_code_help
 from .orchestrated import (
+    THAW_FAILED_HELP,
     OrchestratedOptions,
     add_orchestrated_arguments,
     connected_orchestrator,
@@ -180,9 +181,7 @@ BACKUP: Command[BackupOptions] = Command(
     "      --disk vblk0=/backups/vm1.full.qcow2\n"
     f"  {PROG} backup --qmp /run/vm1/qmp.sock --agent /run/vm1/qga.sock \\\n"
     "      --disk vblk0=/backups/vm1.inc1.qcow2 --since vblk0=/backups/vm1.full.qcow2\n\n"
-    f"{exit_code_help()}\n\n"
-    "If the exit status is 8 (thaw failed), THE GUEST MAY STILL BE FROZEN: check with\n"
-    f"`{PROG} agent --agent ADDR fsfreeze status` and thaw with `... fsfreeze thaw`.",
+    f"{exit_code_help()}\n\n{THAW_FAILED_HELP}",
     options=BackupOptions,
     run=_run,
     add_arguments=_add_arguments,

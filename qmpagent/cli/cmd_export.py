@@ -17,7 +17,12 @@ import anyio
 from ..fleece import FleeceResult
 from .command import ADDRESS_HELP, Command
 from .exit_codes import ExitCode, exit_code_help
-from .orchestrated import OrchestratedOptions, add_orchestrated_arguments, connected_orchestrator
+from .orchestrated import (
+    THAW_FAILED_HELP,
+    OrchestratedOptions,
+    add_orchestrated_arguments,
+    connected_orchestrator,
+)
 from .output import PROG, emit_json, err, ms, out
 
 __all__ = ["EXPORT", "URIS_ENV", "URI_ENV", "ExportOptions"]
@@ -181,9 +186,7 @@ EXPORT: Command[ExportOptions] = Command(
     f"{exit_code_help()}\n"
     "With COMMAND, the exit status is COMMAND's once the export is set up (127: not found,\n"
     "126: not executable). COMMAND runs in a process group of its own: a stop of this\n"
-    "command sends the group SIGTERM, then SIGKILL after 10 s.\n\n"
-    "If the exit status is 8 (thaw failed), THE GUEST MAY STILL BE FROZEN: check with\n"
-    f"`{PROG} agent --agent ADDR fsfreeze status` and thaw with `... fsfreeze thaw`.",
+    f"command sends the group SIGTERM, then SIGKILL after 10 s.\n\n{THAW_FAILED_HELP}",
     options=ExportOptions,
     run=_run,
     add_arguments=_add_arguments,

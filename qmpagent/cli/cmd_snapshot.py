@@ -10,7 +10,12 @@ from typing import Final
 from ..snapshot import SnapshotResult
 from .command import ADDRESS_HELP, Command
 from .exit_codes import ExitCode, exit_code_help
-from .orchestrated import OrchestratedOptions, add_orchestrated_arguments, connected_orchestrator
+from .orchestrated import (
+    THAW_FAILED_HELP,
+    OrchestratedOptions,
+    add_orchestrated_arguments,
+    connected_orchestrator,
+)
 from .output import PROG, emit_json, err, ms, out, tty
 
 __all__ = ["SNAPSHOT", "SnapshotOptions"]
@@ -106,9 +111,7 @@ SNAPSHOT: Command[SnapshotOptions] = Command(
     "example:\n"
     f"  {PROG} snapshot --qmp /run/vm1/qmp.sock --agent /run/vm1/qga.sock \\\n"
     "      --disk disk0=/var/lib/vm1/disk0.snap1.qcow2 --disk disk1=/var/lib/vm1/disk1.snap1.qcow2\n\n"
-    f"{exit_code_help()}\n\n"
-    "If the exit status is 8 (thaw failed), THE GUEST MAY STILL BE FROZEN: check with\n"
-    f"`{PROG} agent --agent ADDR fsfreeze status` and thaw with `... fsfreeze thaw`.",
+    f"{exit_code_help()}\n\n{THAW_FAILED_HELP}",
     options=SnapshotOptions,
     run=_run,
     add_arguments=_add_arguments,

@@ -20,7 +20,19 @@ from .command import CommonOptions
 from .connect import closing
 from .output import PROG
 
-__all__ = ["OrchestratedOptions", "add_orchestrated_arguments", "connected_orchestrator", "repeated"]
+__all__ = [
+    "THAW_FAILED_HELP",
+    "OrchestratedOptions",
+    "add_orchestrated_arguments",
+    "connected_orchestrator",
+    "repeated",
+]
+
+#: The last lines of each such command's ``--help``.
+THAW_FAILED_HELP: Final = (
+    "If the exit status is 8 (thaw failed), THE GUEST MAY STILL BE FROZEN: check with\n"
+    f"`{PROG} agent --agent ADDR fsfreeze status` and thaw with `... fsfreeze thaw`."
+)
 
 #: The timeouts every such command has: flag, default (seconds), help. (``--job-timeout``'s
 #: help is the command's own.)
