@@ -125,6 +125,15 @@ class _FleeceOperation(BackupOperation):
     async def undo(self) -> None:
         await run_to_completion(self.teardown_exports())
         await super().undo()
+        # A fleecing image is only ever this export's (it is not journalled, so nothing else
+        # would remove it): removed even where the undo could not detach its nodes, e.g. QEMU
+        # exited with the guest's shutdown. A QEMU still running keeps its open file.
+        if not self.mon.is_open:
+            log.warning("QEMU is unreachable: its NBD exports, jobs and fleecing nodes could "
+                        "not be removed, if it still runs")
+        for t in self.targets:
+            if t.step >= Step.FILE and t.path not in self.record.files_removed:
+                self.unlink_target(t)
 
     async def teardown_exports(self) -> None:
         """Delete our exports (readers cut off) and wait until QEMU let go of them, then stop
@@ -207,15 +216,6 @@ class Fleece:
         await op.teardown_exports()
         # What a failed set-up undoes: the jobs ended, the nodes detached, the files removed.
         await op.undo()
-        # A fleecing image is only ever this export's (it is not journalled, so nothing else
-        # would remove it): removed even where the undo could not detach its nodes, e.g. QEMU
-        # exited with the guest's shutdown. A QEMU still running keeps its open file.
-        if not op.mon.is_open:
-            log.warning("QEMU is unreachable: its NBD exports, jobs and fleecing nodes could "
-                        "not be removed, if it still runs")
-        for t in op.targets:
-            if t.step >= Step.FILE and t.path not in op.record.files_removed:
-                op.unlink_target(t)
 
 
 def fleece(
