@@ -40,6 +40,7 @@ from _common import Report, describe_machine, machine, median, ratio, rotate, ve
 from bench_freeze_window import Bench, Run
 
 from qmpagent.agent import GuestAgent
+from qmpagent.durable import fsync_path
 from qmpagent.monitor import Monitor
 from qmpagent.snapshot import SnapshotOrchestrator
 from qmpagent.testing import boot_guest
@@ -127,14 +128,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.1f}"
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 #: The throughput methods: (name, what it is).
 TP_METHODS = (
     ("backup", "orch.backup, durable (the default: each target fsync'd once complete)"),
@@ -165,8 +158,8 @@ async def throughput(b: BackupBench, args: argparse.Namespace, report: Report) -
         t = await run_tool(*qemu_img, "convert", "-U", "-O", "qcow2", big, out)
         t0 = time.monotonic()
         if durable:
-            await asyncio.to_thread(_fsync, out)
-            await asyncio.to_thread(_fsync, g.workdir)
+            await asyncio.to_thread(fsync_path, out)
+            await asyncio.to_thread(fsync_path, g.workdir, directory=True)
         return t + time.monotonic() - t0
 
     try:
